@@ -1,0 +1,21 @@
+"""peftkit: LoRA and AdaLoRA fine-tuning on frozen 4/8-bit bases, driven by YAML recipes.
+
+``import peftkit`` is cheap: torch, transformers and peft load only when a function that needs them runs.
+"""
+
+from .errors import PeftkitError, RecipeError
+from .recipe import Recipe, load_recipe
+
+__version__ = "0.1.0"
+
+
+def train(recipe: "Recipe | str", overrides: tuple[str, ...] = (), **kwargs):  # type: ignore[no-untyped-def]
+    """Train a recipe (a :class:`Recipe` or a path to its YAML); see :func:`peftkit.training.train`."""
+    from .training import train as run
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    return run(recipe, **kwargs)
+
+
+__all__ = ["PeftkitError", "RecipeError", "Recipe", "load_recipe", "train", "__version__"]

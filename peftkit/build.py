@@ -1,0 +1,88 @@
+"""From a validated recipe to the objects a run needs: task head, tokenized data, base model with adapter.
+
+Ordered so that the cheap steps that can fail on user input (data files, columns, labels, AdaLoRA's schedule)
+run before the base model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .adalora import resolve_schedule
+from .adapters import count_parameters, inject, peft_config, present_head_modules, resolve_target_modules
+from .data import RawData, encode, load_task_data, total_steps
+from .models import BaseRef, load_pretrained, load_tokenizer, memory_footprint, resolve_base
+from .quantized import freeze_quantized_layers
+from .recipe import AdaLoraSection, Recipe
+from .tasks import TaskHead, make_task
+
+
+@dataclass
+class Plan:
+    """Everything decided before the model loads."""
+
+    recipe: Recipe
+    task: TaskHead
+    base: BaseRef
+    tokenizer: Any
+    raw: RawData
+    train_rows: Any  # encoded datasets.Dataset
+    eval_rows: Any
+    total_steps: int
+    schedule: Optional[tuple[int, int]]  # AdaLoRA (tinit, tfinal)
+
+
+def plan_run(recipe: Recipe, num_processes: int = 1) -> Plan:
+    task = make_task(recipe.task.type, recipe.task.options())
+    raw = load_task_data(recipe.data, task, recipe.train.seed)
+    base = resolve_base(recipe.base)
+    tokenizer = load_tokenizer(base, recipe.base)
+    train_rows = encode(raw.train, task, tokenizer, recipe.data.max_length)
+    eval_rows = encode(raw.eval, task, tokenizer, recipe.data.max_length)
+    t = recipe.train
+    steps = total_steps(len(train_rows), t.batch_size, t.grad_accum, t.epochs, t.max_steps, num_processes)
+    schedule = resolve_schedule(recipe.adapter, steps) if isinstance(recipe.adapter, AdaLoraSection) else None
+    return Plan(recipe, task, base, tokenizer, raw, train_rows, eval_rows, steps, schedule)
+
+
+@dataclass
+class BuiltModel:
+    model: Any  # a PeftModel, or the plain model for full fine-tuning
+    base_bytes: int
+    trainable: int
+    total: int
+    targets: list[str]
+    head_modules: list[str]
+
+
+def load_base_for_task(recipe: Recipe, task: TaskHead, base: BaseRef, tokenizer: Any, device: Any) -> Any:
+    """The frozen base model with the task's head, quantized as the recipe says, guarded against drift."""
+
+    def load(auto_class: Any, **kwargs: Any) -> Any:
+        return load_pretrained(auto_class, base, recipe.base, recipe.quantization, list(task.head_module_names),
+                               device, **kwargs)
+
+    model = task.load_model(load, tokenizer)
+    freeze_quantized_layers(model)
+    return model
+
+
+def build_model(plan: Plan, device: Any) -> BuiltModel:
+    recipe = plan.recipe
+    model = load_base_for_task(recipe, plan.task, plan.base, plan.tokenizer, device)
+    base_bytes = memory_footprint(model)
+    heads = present_head_modules(model, plan.task)
+    if recipe.adapter is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if recipe.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        trainable, total = count_parameters(model)
+        return BuiltModel(model, base_bytes, trainable, total, [], heads)
+    targets = resolve_target_modules(model, recipe.adapter.target_modules, tuple(heads))
+    config = peft_config(recipe.adapter, plan.task, targets, heads, model, plan.total_steps, plan.schedule)
+    model = inject(model, config, quantized=recipe.quantization.bits is not None,
+                   gradient_checkpointing=recipe.train.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    return BuiltModel(model, base_bytes, trainable, total, targets, heads)

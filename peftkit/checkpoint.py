@@ -1,0 +1,108 @@
+"""Training checkpoints: everything needed to continue a killed run as if it had never stopped.
+
+``<runs>/<name>/checkpoints/step-<N>/`` holds the trainable weights (safetensors), the optimizer and LR
+scheduler states, every random generator, the position in the data, and AdaLoRA's allocator state. Each
+checkpoint is written to a staging folder and renamed into place, so ``--resume`` only ever sees complete
+ones; the oldest are pruned to ``train.keep_checkpoints``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .artifacts import staged_folder
+from .errors import PeftkitError
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                    progress: dict[str, Any], extra: dict[str, Any], keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    target = checkpoint_dir(run_dir) / f"step-{step}"
+    with staged_folder(target, overwrite=True) as folder:
+        save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+             "extra": extra},
+            folder / "training.pt",
+        )
+        (folder / STATE_FILE).write_text(json.dumps(progress, indent=2))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore a checkpoint in place; return (progress, extra)."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        blob = torch.load(path / "training.pt", weights_only=False)
+        progress = json.loads((path / STATE_FILE).read_text())
+    except Exception as exc:
+        raise PeftkitError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to resume from an earlier one"
+        ) from None
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing or set(weights) - set(params):
+        raise PeftkitError(
+            f"checkpoint {path} does not match this recipe's model ({len(missing)} trainable tensors missing); "
+            "resume with the recipe that started the run"
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor.to(params[name].device))
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return progress, blob.get("extra", {})
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None

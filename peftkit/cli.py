@@ -1,0 +1,68 @@
+"""The ``peftkit`` command: parse, call the library, print. A PeftkitError becomes one ``Error: ...`` line."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import click
+
+from .errors import PeftkitError
+
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a recipe field, e.g. --set train.epochs=2 (repeatable).",
+)
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PeftkitError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; the last checkpoint is kept, continue with --resume") from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="peftkit")
+def main() -> None:
+    """LoRA and AdaLoRA fine-tuning on frozen 4/8-bit bases, driven by YAML recipes."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_set_option
+@click.option("--no-data", is_flag=True, help="Check the recipe alone, without reading its data files.")
+@_friendly
+def validate(recipe: str, overrides: tuple[str, ...], no_data: bool) -> None:
+    """Check RECIPE: every problem at once, each with its key path."""
+    from .recipe import load_recipe
+    from .validate import check_data
+
+    loaded = load_recipe(recipe, overrides)
+    if not no_data:
+        click.echo(check_data(loaded))
+    click.echo(f"{recipe}: ok")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_set_option
+@click.option("--resume", is_flag=True, help="Continue the run from its latest checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing adapter of the same name, and its run.")
+@_friendly
+def train(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
+    """Fine-tune as RECIPE says: train, evaluate, save the adapter to the registry."""
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    from .training import train as run_training
+
+    run_training(loaded, resume=resume, overwrite=overwrite, echo=click.echo)

@@ -1,0 +1,388 @@
+"""The recipe: a typed description of one fine-tuning run, loaded from YAML.
+
+A recipe has seven sections: ``base`` (which model), ``quantization`` (how its frozen weights are stored),
+``adapter`` (LoRA or AdaLoRA, or none for full fine-tuning), ``task`` (the head and its loss), ``data``,
+``train`` and ``output``. Every section rejects unknown keys with a suggestion, and :func:`load_recipe`
+reports every problem at once, each with its key path, before anything heavy is imported.
+
+``extends: parent.yaml`` (relative to the file) inherits a recipe and deep-merges this one over it;
+``--set a.b=c`` overrides any field, the value parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+
+from .errors import PeftkitError, RecipeError
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseModelSection(Section):
+    """Which pretrained model to start from."""
+
+    model: str = Field(description="a packaged model name (minilm, smollm2-135m), a local folder, or a hub id")
+    revision: Optional[str] = None
+    dtype: Dtype = "float32"
+    trust_remote_code: bool = False
+
+
+class QuantizationSection(Section):
+    """How the frozen base weights are stored: not at all (``bits: null``), LLM.int8, or 4-bit NF4/FP4."""
+
+    bits: Optional[Literal[4, 8]] = None
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Dtype = "float32"
+    skip_modules: list[str] = Field(default_factory=list, description="extra modules kept in full precision")
+
+
+TargetModules = Union[Literal["all-linear"], Annotated[list[str], Field(min_length=1)]]
+# An AdaLoRA phase length: an int counts optimizer steps, a float in [0, 1) is a fraction of training.
+PhaseLength = Union[StrictInt, float]
+
+
+class LoraSection(Section):
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: TargetModules = "all-linear"
+    layers: Optional[list[int]] = Field(None, description="indices of the layers to adapt; default all")
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class AdaLoraSection(Section):
+    """AdaLoRA (Zhang et al. 2023): SVD-shaped adapters whose ranks are pruned to a budget while training.
+
+    Defaults differ from LoRA's on purpose (see ``peftkit.adalora``): with LoRA's learning rate and the
+    orthogonal regularization folded into a clipped gradient, AdaLoRA does not learn.
+    """
+
+    method: Literal["adalora"] = "adalora"
+    init_r: int = Field(12, ge=1)
+    target_r: int = Field(8, ge=1, description="average final rank per adapted module")
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: TargetModules = "all-linear"
+    layers: Optional[list[int]] = None
+    warmup: PhaseLength = Field(0.1, description="steps (int) or fraction (float) before pruning starts")
+    final: PhaseLength = Field(0.3, description="steps or fraction at the end with ranks fixed")
+    interval: int = Field(1, ge=1, description="optimizer steps between two reallocations")
+    orth_reg_weight: float = Field(0.1, ge=0)
+    beta1: float = Field(0.85, gt=0, lt=1)
+    beta2: float = Field(0.85, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdaLoraSection":
+        problems = []
+        if self.target_r > self.init_r:
+            problems.append(f"target_r ({self.target_r}) must be <= init_r ({self.init_r}); lower target_r or raise init_r")
+        for key in ("warmup", "final"):
+            value = getattr(self, key)
+            if isinstance(value, float) and not 0 <= value < 1:
+                problems.append(f"{key} ({value}) must be a fraction in [0, 1) or a whole number of steps")
+            if isinstance(value, int) and value < 0:
+                problems.append(f"{key} ({value}) must be >= 0")
+        if isinstance(self.warmup, float) and isinstance(self.final, float) and self.warmup + self.final >= 1:
+            problems.append(f"warmup + final ({self.warmup} + {self.final}) must leave room for pruning: keep it below 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+AdapterSection = Annotated[Union[LoraSection, AdaLoraSection], Field(discriminator="method")]
+
+
+class TaskSection(Section):
+    """The task head. ``type`` names a module in ``peftkit/tasks``; the other keys are that head's options."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataSection(Section):
+    train: str = Field(description="a local file (csv, tsv, json, jsonl, parquet, txt) or a hub data set id")
+    eval: Optional[str] = None
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="carved from train when eval is not given")
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "txt"] = "auto"
+    header: bool = True
+    column_names: Optional[list[str]] = Field(None, description="names for the columns of a header-less file")
+    columns: dict[str, str] = Field(default_factory=dict, description="task role -> column name")
+    max_length: int = Field(128, ge=8)
+    max_train_samples: Optional[int] = Field(None, ge=1)
+    max_eval_samples: Optional[int] = Field(None, ge=1)
+    split: str = Field("train", description="split to read from a hub data set")
+    eval_split: Optional[str] = None
+    encoding: str = "utf-8"
+
+
+class TrainSection(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: Optional[int] = Field(None, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    head_lr: Optional[float] = Field(None, gt=0, description="learning rate of the task head; default lr")
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    seed: int = 42
+    eval_every: Optional[int] = Field(None, ge=1, description="optimizer steps between evaluations; default each epoch")
+    log_every: int = Field(10, ge=1)
+    save_every: Optional[int] = Field(None, ge=1, description="optimizer steps between checkpoints; default each epoch")
+    keep_checkpoints: int = Field(2, ge=1)
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+
+
+class OutputSection(Section):
+    name: str = Field(description="the adapter's name in the registry")
+    registry: str = Field("adapters", description="registry root; trained adapters land in <registry>/<name>/")
+    runs: str = Field("runs", description="where checkpoints and TensorBoard logs go: <runs>/<name>/")
+
+    @model_validator(mode="after")
+    def _check_name(self) -> "OutputSection":
+        from .naming import check_adapter_name
+
+        try:
+            check_adapter_name(self.name)
+        except PeftkitError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class Recipe(Section):
+    base: BaseModelSection
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    adapter: Optional[AdapterSection] = Field(None, description="null for full fine-tuning")
+    task: TaskSection
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        problems = []
+        if self.quantization.bits and self.adapter is None:
+            problems.append(
+                f"a {self.quantization.bits}-bit base is frozen and cannot be fully fine-tuned: add an adapter "
+                "section or set quantization.bits: null"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def method(self) -> str:
+        return self.adapter.method if self.adapter else "full"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: YAML, extends, overrides, and errors that name their key path.
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PeftkitError(f"recipe file {path} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise PeftkitError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise PeftkitError(f"{path}: a recipe must be a mapping of sections, found {type(data).__name__}")
+    return data
+
+
+# A child section naming another adapter method or task type replaces its parent's section instead of
+# merging into it: LoRA's `r` has no meaning under AdaLoRA, a classifier's `labels` none for a causal LM.
+_KIND_KEYS = ("method", "type")
+
+
+def _deep_merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    for kind in _KIND_KEYS:
+        if kind in child and kind in parent and child[kind] != parent[kind]:
+            return dict(child)
+    merged = dict(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_recipe_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw recipe at ``path`` with every ``extends:`` ancestor merged beneath it."""
+    path = path.resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise PeftkitError(f"recipe extends itself in a loop: {chain}; remove one of the extends")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise PeftkitError(f"{path}: extends must be a path to a recipe file, found {parent!r}")
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        raise PeftkitError(f"{path}: extends: {parent} does not exist (looked for {parent_path}); fix the path")
+    return _deep_merge(read_recipe_tree(parent_path, (*_seen, path)), data)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``4``, ``true``, ``[q, v]``)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise PeftkitError(f"--set {assignment!r}: expected KEY=VALUE, for example --set train.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise PeftkitError(f"--set {assignment}: {where} is a value, not a section; set {where}=... instead")
+        node = child
+    node[parts[-1]] = value
+
+
+def _model_for_path(loc: tuple) -> tuple[Optional[type[BaseModel]], tuple]:
+    """Walk the schema along an error location; return the section class holding the last key."""
+    cls: Any = Recipe
+    rest = list(loc[:-1])
+    while rest:
+        key = rest.pop(0)
+        field = cls.model_fields.get(key) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return None, loc
+        annotation = field.annotation
+        candidates = _model_classes(annotation)
+        if len(candidates) == 1:
+            cls = candidates[0]
+        elif candidates and rest:
+            tag = rest.pop(0)  # discriminated unions put the tag in the location
+            loc = tuple(x for x in loc if x != tag)
+            matching = [c for c in candidates if tag in typing.get_args(c.model_fields["method"].annotation)]
+            cls = matching[0] if matching else None
+        else:
+            return None, loc
+    return cls, loc
+
+
+def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        found.extend(_model_classes(arg))
+    return found
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(str(x) for x in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        cls, loc = _model_for_path(loc)
+        key = loc[-1]
+        path = ".".join(loc)
+        hint = ""
+        if cls is not None:
+            close = difflib.get_close_matches(key, list(cls.model_fields), n=1, cutoff=0.6)
+            if close:
+                hint = f"; did you mean `{close[0]}`?"
+            elif loc[0] == "adapter":
+                hint = f"; {_where_key_belongs(key)}"
+        return f"{path}: unknown key{hint or '; remove it'}"
+    if kind == "union_tag_invalid":
+        path = ".".join(loc)
+        return f"{path}.method: {error['ctx'].get('tag')!r} is not a method; use lora or adalora"
+    if kind == "union_tag_not_found":
+        return f"{'.'.join(loc)}.method: missing; set method: lora or method: adalora"
+    if len(loc) >= 2 and loc[0] == "adapter" and loc[1] in ("lora", "adalora"):
+        loc = (loc[0], *loc[2:])
+    path = ".".join(loc) or "recipe"
+    message = error["msg"]
+    if kind == "missing":
+        return f"{path}: required, but missing"
+    if kind == "value_error":
+        message = message.removeprefix("Value error, ")
+        return f"{path}: {message}" if path != "recipe" else message
+    value = error.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
+    return f"{path}: {message[0].lower()}{message[1:]}{shown}"
+
+
+def _where_key_belongs(key: str) -> str:
+    for cls in (LoraSection, AdaLoraSection):
+        if key in cls.model_fields:
+            other = typing.get_args(cls.model_fields["method"].annotation)[0]
+            return f"`{key}` is a {other} option: set method: {other}"
+    return "remove it"
+
+
+def build_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate raw recipe data; every problem, including the task head's own options, in one RecipeError."""
+    problems: list[str] = []
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        recipe = None
+    task = data.get("task") if isinstance(data.get("task"), dict) else None
+    if task is not None and isinstance(task.get("type"), str):
+        from .tasks import validate_task_options
+
+        problems.extend(validate_task_options(task["type"], {k: v for k, v in task.items() if k != "type"}))
+    if problems:
+        raise RecipeError(source, list(dict.fromkeys(problems)))
+    assert recipe is not None
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """Read, merge (``extends``), override (``--set``) and validate a recipe file."""
+    path = Path(path)
+    data = read_recipe_tree(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return build_recipe(data, source=str(path))
+
+
+__all__ = [
+    "Recipe",
+    "LoraSection",
+    "AdaLoraSection",
+    "load_recipe",
+    "build_recipe",
+    "apply_override",
+    "read_recipe_tree",
+]

@@ -1,0 +1,110 @@
+"""What a task head is: the seam between data, model and loss.
+
+A head names the data columns it reads (its *roles*), learns what it must from the training data (a label
+map, say) into ``state`` (saved with the adapter), turns rows into token ids, builds the model class it
+needs, and computes its loss and metrics from the model's raw outputs. The training loop never looks inside
+a batch, which is why AdaLoRA's orthogonal regularization can be added to any head's loss in one place.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import PeftkitError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class HeadOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskHead(ABC):
+    name: ClassVar[str]
+    Options: ClassVar[type[HeadOptions]]
+    peft_task_type: ClassVar[str]
+    # role -> column names tried, in order, when data.columns does not map the role
+    roles: ClassVar[dict[str, tuple[str, ...]]]
+    required_roles: ClassVar[tuple[str, ...]]
+    # modules that belong to the head: trained in full, saved with the adapter, never quantized
+    head_module_names: ClassVar[tuple[str, ...]] = ()
+    key_metric: ClassVar[tuple[str, str]]  # (metric, "max" or "min")
+
+    def __init__(self, options: HeadOptions, state: Optional[dict[str, Any]] = None):
+        self.options = options
+        self.state: dict[str, Any] = dict(state or {})
+
+    # ---- data ------------------------------------------------------------------------------------------
+
+    def resolve_columns(self, available: list[str], mapping: dict[str, str], source: str) -> dict[str, str]:
+        """Map each role this head reads to a column of ``source``; roles without a column are left out."""
+        unknown = sorted(set(mapping) - set(self.roles))
+        if unknown:
+            raise PeftkitError(
+                f"data.columns: {', '.join(unknown)} is not a role of task {self.name}; "
+                f"its roles are: {', '.join(self.roles)}"
+            )
+        resolved: dict[str, str] = {}
+        for role, candidates in self.roles.items():
+            if role in mapping:
+                if mapping[role] not in available:
+                    raise PeftkitError(
+                        f"data.columns.{role}: column {mapping[role]!r} is not in {source} "
+                        f"(its columns: {', '.join(available)}); fix the name"
+                    )
+                resolved[role] = mapping[role]
+                continue
+            found = next((c for c in candidates if c in available), None)
+            if found is not None:
+                resolved[role] = found
+        missing = [r for r in self.required_roles if r not in resolved]
+        if missing:
+            role = missing[0]
+            raise PeftkitError(
+                f"data.columns.{role}: no column for {role!r} in {source} (its columns: {', '.join(available)}); "
+                f"set data.columns.{role}: COLUMN"
+            )
+        return resolved
+
+    def fit(self, train_rows: Any, eval_rows: Any, eval_source: str) -> None:
+        """Learn from the raw (role-named) data what the head needs; check the eval data against it."""
+
+    @abstractmethod
+    def encode(self, rows: dict[str, list], tokenizer: Any, max_length: int) -> dict[str, list]:
+        """Batched: role-named columns in, model features (``input_ids`` ...) out. May change the row count."""
+
+    @abstractmethod
+    def collate(self, features: list[dict[str, Any]], tokenizer: Any) -> dict[str, "torch.Tensor"]:
+        """Pad a list of encoded rows into a batch."""
+
+    # ---- model -----------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def load_model(self, load: Callable[..., Any], tokenizer: Any) -> Any:
+        """Build the model, calling ``load(auto_class, **from_pretrained_kwargs)``."""
+
+    def model_inputs(self, batch: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    @abstractmethod
+    def loss(self, outputs: Any, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        """The head's training loss from the model's raw outputs (the model is never given the labels)."""
+
+    # ---- evaluation ------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def eval_batch(self, outputs: Any, batch: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+        """Per-row tensors from one eval batch (gathered across processes before :meth:`metrics`)."""
+
+    @abstractmethod
+    def metrics(self, collected: dict[str, "torch.Tensor"]) -> dict[str, float]:
+        """The task's metrics from all eval rows' tensors, concatenated."""
+
+    def better(self, new: float, old: Optional[float]) -> bool:
+        if old is None:
+            return True
+        return new > old if self.key_metric[1] == "max" else new < old

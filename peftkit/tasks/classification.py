@@ -1,0 +1,141 @@
+"""Sequence classification: single sentences or sentence pairs, any number of labels.
+
+Labels may be written as names (``entailment``) or numbers (``0``/``1``) in the data; either way they are
+mapped to ids in a fixed order (``task.labels`` if given, else sorted) that is stored with the adapter and in
+the model config's ``id2label``. Loss: cross-entropy. Metrics: accuracy, macro-F1 and loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from pydantic import Field
+
+from ..errors import PeftkitError
+from .base import HeadOptions, TaskHead
+
+
+class ClassificationOptions(HeadOptions):
+    labels: Optional[list[str]] = Field(None, min_length=2, description="label names in id order; default sorted")
+
+
+def _label_key(value: Any) -> str:
+    # 1 and "1" and 1.0 are the same label in a TSV read as numbers or as text
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _sorted_labels(values: set[str]) -> list[str]:
+    if all(v.lstrip("-").isdigit() for v in values):
+        return sorted(values, key=int)
+    return sorted(values)
+
+
+def macro_f1(preds: list[int], labels: list[int], num_labels: int) -> float:
+    scores = []
+    for k in range(num_labels):
+        tp = sum(1 for p, y in zip(preds, labels) if p == k and y == k)
+        fp = sum(1 for p, y in zip(preds, labels) if p == k and y != k)
+        fn = sum(1 for p, y in zip(preds, labels) if p != k and y == k)
+        if tp + fp + fn == 0:
+            continue  # a class absent from both predictions and labels does not count
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+class Classification(TaskHead):
+    name = "classification"
+    Options = ClassificationOptions
+    peft_task_type = "SEQ_CLS"
+    roles = {
+        "text": ("text", "sentence", "sentence1", "question", "question1", "premise"),
+        "text_pair": ("text_pair", "sentence2", "question2", "hypothesis"),
+        "label": ("label", "labels", "Label", "class"),
+    }
+    required_roles = ("text", "label")
+    head_module_names = ("classifier", "score")
+    key_metric = ("accuracy", "max")
+
+    @property
+    def labels(self) -> list[str]:
+        return self.state["labels"]
+
+    def fit(self, train_rows: Any, eval_rows: Any, eval_source: str) -> None:
+        if "labels" not in self.state:
+            seen = {_label_key(v) for v in train_rows["label"]}
+            self.state["labels"] = list(self.options.labels) if self.options.labels else _sorted_labels(seen)
+            unknown = sorted(seen - set(self.state["labels"]))
+            if unknown:
+                raise PeftkitError(
+                    f"data.train: label {unknown[0]!r} is not in task.labels {self.state['labels']}; "
+                    "add it to task.labels or fix the data"
+                )
+        if len(self.labels) < 2:
+            raise PeftkitError(f"data.train: only one label ({self.labels[0]!r}) in the training data; "
+                               "classification needs at least two")
+        if eval_rows is not None:
+            known = set(self.labels)
+            for i, value in enumerate(eval_rows["label"]):
+                if _label_key(value) not in known:
+                    raise PeftkitError(
+                        f"{eval_source}: row {i + 1} has label {_label_key(value)!r}, which the training data "
+                        f"does not have ({', '.join(self.labels)}); fix that row or list the label in task.labels"
+                    )
+
+    def encode(self, rows: dict[str, list], tokenizer: Any, max_length: int) -> dict[str, list]:
+        pair = rows.get("text_pair")
+        features = tokenizer(
+            [str(t) for t in rows["text"]],
+            [str(t) for t in pair] if pair is not None else None,
+            truncation=True,
+            max_length=max_length,
+        )
+        ids = {name: i for i, name in enumerate(self.labels)}
+        if "label" in rows:
+            features["labels"] = [ids[_label_key(v)] for v in rows["label"]]
+        return dict(features)
+
+    def collate(self, features: list[dict[str, Any]], tokenizer: Any) -> dict[str, Any]:
+        return tokenizer.pad(features, return_tensors="pt")
+
+    def load_model(self, load: Callable[..., Any], tokenizer: Any) -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        model = load(
+            AutoModelForSequenceClassification,
+            num_labels=len(self.labels),
+            id2label=dict(enumerate(self.labels)),
+            label2id={name: i for i, name in enumerate(self.labels)},
+        )
+        if model.config.pad_token_id is None:  # decoder models pool at the last non-pad token
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    def loss(self, outputs: Any, batch: dict[str, Any]) -> Any:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(outputs.logits.float(), batch["labels"])
+
+    def eval_batch(self, outputs: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch.nn.functional as F
+
+        logits = outputs.logits.float()
+        return {
+            "loss": F.cross_entropy(logits, batch["labels"], reduction="none"),
+            "pred": logits.argmax(-1),
+            "label": batch["labels"],
+        }
+
+    def metrics(self, collected: dict[str, Any]) -> dict[str, float]:
+        preds = collected["pred"].tolist()
+        labels = collected["label"].tolist()
+        correct = sum(int(p == y) for p, y in zip(preds, labels))
+        return {
+            "accuracy": correct / max(len(labels), 1),
+            "macro_f1": macro_f1(preds, labels, len(self.labels)),
+            "loss": float(collected["loss"].mean()),
+        }
+
+
+TASK = Classification

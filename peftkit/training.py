@@ -1,0 +1,345 @@
+"""The training run: one loop for every method, task head and process count.
+
+peftkit runs its own loop rather than transformers' ``Trainer`` because three things must happen at exact
+points of each optimizer step that ``Trainer`` does not expose together: the task gradient is clipped alone,
+AdaLoRA's orthogonal regularization is added after the clip (whatever the head computes its loss with), and
+``update_and_allocate`` runs once, after ``optimizer.step()`` and before ``zero_grad()``. accelerate supplies
+the process group, so ``accelerate launch`` and ``torchrun`` work unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import adalora
+from .artifacts import build_metadata, seal, staged_folder
+from .build import BuiltModel, Plan, build_model, plan_run
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .data import eval_batches, plan_batches, steps_per_epoch
+from .errors import PeftkitError
+from .models import describe_quantization, fingerprint, pick_device
+from .recipe import AdaLoraSection, Recipe
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    metrics: dict[str, float]
+    metadata: dict[str, Any]
+
+
+def set_seed(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_destination(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, Path]:
+    """Refuse, before any work, a run that would clobber or ignore what is already saved."""
+    target = Path(recipe.output.registry) / recipe.output.name
+    run_dir = Path(recipe.output.runs) / recipe.output.name
+    if target.exists() and not overwrite:
+        raise PeftkitError(
+            f"output.name: adapter {recipe.output.name!r} already exists in {target.parent}/; choose another "
+            "name (--set output.name=NEW) or pass --overwrite to replace it"
+        )
+    checkpoints = list_checkpoints(run_dir)
+    if resume and not checkpoints:
+        raise PeftkitError(f"--resume: no checkpoint in {run_dir}/checkpoints; run without --resume to start")
+    if checkpoints and not resume and not overwrite:
+        raise PeftkitError(
+            f"{run_dir} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to "
+            "start over"
+        )
+    return target, run_dir
+
+
+def _optimizer(model: torch.nn.Module, recipe: Recipe, head_modules: list[str]) -> torch.optim.Optimizer:
+    t = recipe.train
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = any(f".{h}." in f".{name}" for h in head_modules)
+        lr = t.head_lr if (is_head and t.head_lr) else t.lr
+        no_decay = name.endswith("bias") or "norm" in name.lower() or "lora_E" in name
+        groups.setdefault((lr, 0.0 if no_decay else t.weight_decay), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[recipe.train.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=int(recipe.train.warmup_ratio * total),
+                         num_training_steps=total)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class Evaluator:
+    """Runs the task's metrics over the eval rows; every process takes a share, results are gathered."""
+
+    def __init__(self, plan: Plan, batch_size: int, device: torch.device, rank: int, world: int):
+        self.plan, self.device, self.rank, self.world = plan, device, rank, world
+        self.batches = eval_batches(len(plan.eval_rows), batch_size)[rank::world]
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        task, rows = self.plan.task, self.plan.eval_rows
+        was_training = model.training
+        model.eval()
+        parts: dict[str, list[torch.Tensor]] = {}
+        for idx in self.batches:
+            batch = _to_device(task.collate([rows[i] for i in idx], self.plan.tokenizer), self.device)
+            outputs = model(**task.model_inputs(batch))
+            for key, value in task.eval_batch(outputs, batch).items():
+                parts.setdefault(key, []).append(value.detach().cpu())
+        if was_training:
+            model.train()
+        collected = {k: torch.cat(v) for k, v in parts.items()}
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(gathered, collected)
+            collected = {k: torch.cat([g[k] for g in gathered if k in g]) for k in collected}
+        return task.metrics(collected)
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
+          echo: Callable[[str], None] = print) -> TrainResult:
+    """Run a recipe end to end: plan, load, train with evaluation and checkpoints, save the adapter."""
+    from accelerate import Accelerator
+
+    target, run_dir = check_destination(recipe, resume, overwrite)
+    t = recipe.train
+    device = pick_device(t.device)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    say = echo if main else (lambda _: None)
+    set_seed(t.seed)
+
+    plan = plan_run(recipe, world)
+    built = build_model(plan, device)
+    model = built.model
+    base_fp = fingerprint(plan.base.path)
+    say(f"base: {plan.base.identity} ({describe_quantization(recipe.quantization, recipe.base.dtype)}), "
+        f"{built.base_bytes / 2**20:.1f} MiB in memory, on {device}")
+    say(f"adapter: {recipe.method}, trainable parameters {built.trainable:,} of {built.total:,} "
+        f"({100 * built.trainable / max(built.total, 1):.2f}%)"
+        + (f", targets {', '.join(built.targets)}" if built.targets else ""))
+    say(f"data: {len(plan.train_rows):,} train rows, {len(plan.eval_rows):,} eval rows; "
+        f"{plan.total_steps} optimizer steps" + (f"; AdaLoRA warm-up {plan.schedule[0]}, final {plan.schedule[1]} steps"
+                                                  if plan.schedule else ""))
+
+    optimizer = _optimizer(model, recipe, built.head_modules)
+    scheduler = _scheduler(optimizer, recipe, plan.total_steps)
+    driver = adalora.AdaLoraDriver.for_model(model, recipe.adapter) if isinstance(recipe.adapter, AdaLoraSection) else None
+    if world > 1:
+        model = accelerator.prepare_model(model, device_placement=False)
+    unwrapped = accelerator.unwrap_model(model)
+
+    progress = {"step": 0, "epoch": 0, "group": 0, "history": [], "train_seconds": 0.0}
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        assert checkpoint is not None
+        progress, extra = load_checkpoint(checkpoint, unwrapped, optimizer, scheduler)
+        if driver is not None and "adalora" in extra:
+            driver.load_allocator_state(extra["adalora"])
+        say(f"resumed from {checkpoint} at step {progress['step']}")
+    elif overwrite and main and run_dir.exists():
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+    writer = _tensorboard(run_dir) if main else None
+    evaluate = Evaluator(plan, t.eval_batch_size or t.batch_size, device, rank, world)
+    lengths = [len(ids) for ids in plan.train_rows["input_ids"]]
+    n_batches = len(plan_batches(lengths, t.batch_size, t.seed, 0, t.group_by_length, world))
+    per_epoch = steps_per_epoch(n_batches, t.grad_accum, world)
+    bar = _progress_bar(plan.total_steps, progress["step"], enabled=main and t.progress)
+    model.train()
+    started = time.perf_counter()
+    seconds_before = progress["train_seconds"]
+    examples = 0
+    metrics: dict[str, float] = {}
+    running_loss, running_count = 0.0, 0
+
+    while progress["step"] < plan.total_steps:
+        batches = plan_batches(lengths, t.batch_size, t.seed, progress["epoch"], t.group_by_length, world)[rank::world]
+        groups = [batches[i : i + t.grad_accum] for i in range(0, len(batches), t.grad_accum)]
+        for group_index in range(progress["group"], len(groups)):
+            group = groups[group_index]
+            for j, idx in enumerate(group):
+                batch = _to_device(plan.task.collate([plan.train_rows[i] for i in idx], plan.tokenizer), device)
+                sync = j == len(group) - 1 or world == 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    outputs = model(**plan.task.model_inputs(batch))
+                    loss = plan.task.loss(outputs, batch)
+                    accelerator.backward(loss / len(group))
+                running_loss += float(loss.detach())
+                running_count += 1
+                examples += len(idx)
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+            if driver is not None and recipe.adapter.orth_reg_weight > 0:
+                # after the clip, so the regularizer cannot crowd the task gradient out (see adalora.py)
+                with accelerator.no_sync(model) if world > 1 else contextlib.nullcontext():
+                    (recipe.adapter.orth_reg_weight * adalora.orthogonal_regularization(unwrapped)).backward()
+            optimizer.step()
+            scheduler.step()
+            progress["step"] += 1
+            progress["group"] = group_index + 1
+            step = progress["step"]
+            if driver is not None:
+                budget = driver.after_optimizer_step(step)
+                if writer:
+                    writer.add_scalar("adalora/total_rank", budget, step)
+            optimizer.zero_grad(set_to_none=True)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running_loss / max(running_count, 1):.4f}")
+            if step % t.log_every == 0 or step == plan.total_steps:
+                if writer:
+                    writer.add_scalar("train/loss", running_loss / max(running_count, 1), step)
+                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                running_loss, running_count = 0.0, 0
+            end_of_epoch = progress["group"] == len(groups)
+            if (t.eval_every and step % t.eval_every == 0) or (not t.eval_every and end_of_epoch) \
+                    or step == plan.total_steps:
+                metrics = evaluate(model)
+                progress["history"].append({"step": step, **metrics})
+                if writer:
+                    for key, value in metrics.items():
+                        writer.add_scalar(f"eval/{key}", value, step)
+                _print_above(bar, say, f"step {step}/{plan.total_steps} eval: {_format_metrics(metrics)}")
+            if step < plan.total_steps and ((t.save_every and step % t.save_every == 0) or
+                                            (not t.save_every and end_of_epoch)):
+                progress["train_seconds"] = seconds_before + time.perf_counter() - started
+                if main:
+                    save_checkpoint(run_dir, step, unwrapped, optimizer, scheduler, _resumable(progress, groups),
+                                    {"adalora": driver.allocator_state()} if driver else {}, t.keep_checkpoints)
+                accelerator.wait_for_everyone()
+            if step >= plan.total_steps:
+                break
+        else:
+            progress["epoch"] += 1
+            progress["group"] = 0
+            continue
+        break
+    if bar is not None:
+        bar.close()
+    seconds = seconds_before + time.perf_counter() - started
+    if writer:
+        writer.close()
+
+    result_dir = target
+    metadata: dict[str, Any] = {}
+    if main:
+        metadata = _metadata(recipe, plan, built, unwrapped, driver, base_fp, metrics, progress, seconds,
+                             examples, per_epoch, world, device)
+        with staged_folder(target, overwrite=overwrite) as folder:
+            unwrapped.save_pretrained(folder)
+            seal(folder, metadata)
+        say(f"saved {target} in {seconds:.0f} s of training: {_format_metrics(metrics)}")
+    accelerator.wait_for_everyone()
+    return TrainResult(result_dir, metrics, metadata)
+
+
+def _resumable(progress: dict[str, Any], groups: list) -> dict[str, Any]:
+    state = dict(progress)
+    if state["group"] >= len(groups):  # the epoch is done: resume at the next one
+        state["epoch"] += 1
+        state["group"] = 0
+    return state
+
+
+def _metadata(recipe: Recipe, plan: Plan, built: BuiltModel, model: Any, driver: Optional[adalora.AdaLoraDriver],
+              base_fp: str, metrics: dict[str, float], progress: dict[str, Any], seconds: float, examples: int,
+              per_epoch: int, world: int, device: torch.device) -> dict[str, Any]:
+    adapter: dict[str, Any] = {
+        "method": recipe.method,
+        "targets": built.targets,
+        "head_modules": built.head_modules,
+        "trainable_parameters": built.trainable,
+        "total_parameters": built.total,
+    }
+    if driver is not None:
+        ranks = adalora.final_ranks(model)
+        adapter["adalora"] = {
+            "init_r": recipe.adapter.init_r,
+            "target_r": recipe.adapter.target_r,
+            "target_budget": driver.target_budget,
+            "final_budget": sum(ranks.values()),
+            "final_ranks": ranks,
+            "reallocations": driver.reallocations,
+            "budget_history": driver.budget_history,
+            "schedule": {"total_step": plan.total_steps, "tinit": plan.schedule[0], "tfinal": plan.schedule[1]},
+        }
+    return build_metadata(
+        name=recipe.output.name,
+        task={"type": recipe.task.type, "options": recipe.task.options(), "state": plan.task.state},
+        base={
+            "identity": plan.base.identity,
+            "source": plan.base.source,
+            "path": str(plan.base.path),
+            "fingerprint": base_fp,
+            "dtype": recipe.base.dtype,
+            "quantization": recipe.quantization.model_dump(mode="json"),
+            "memory_bytes": built.base_bytes,
+        },
+        adapter=adapter,
+        metrics=metrics,
+        key_metric=plan.task.key_metric[0],
+        history=progress["history"],
+        training={
+            "optimizer_steps": progress["step"],
+            "steps_per_epoch": per_epoch,
+            "train_rows": len(plan.train_rows),
+            "eval_rows": len(plan.eval_rows),
+            "seconds": round(seconds, 2),
+            "examples_per_second": round(examples / seconds, 2) if seconds > 0 else None,
+            "device": str(device),
+            "num_processes": world,
+        },
+        recipe=recipe.to_dict(),
+    )
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _print_above(bar: Any, say: Callable[[str], None], line: str) -> None:
+    if bar is not None:
+        bar.write(line)
+    else:
+        say(line)
+
+
+__all__ = ["train", "TrainResult", "check_destination"]

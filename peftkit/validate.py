@@ -1,0 +1,26 @@
+"""``peftkit validate``: what can be checked without loading the model, data included."""
+
+from __future__ import annotations
+
+from .adalora import resolve_schedule
+from .data import load_task_data, total_steps
+from .recipe import AdaLoraSection, Recipe
+from .tasks import make_task
+
+
+def check_data(recipe: Recipe) -> str:
+    """Read the data files, map their columns, check labels and AdaLoRA's schedule; return a summary line."""
+    task = make_task(recipe.task.type, recipe.task.options())
+    raw = load_task_data(recipe.data, task, recipe.train.seed)
+    t = recipe.train
+    summary = f"data: {len(raw.train):,} train rows, {len(raw.eval):,} eval rows"
+    if task.state.get("labels"):
+        summary += f", labels {task.state['labels']}"
+    packed = task.state.get("format") == "text" and getattr(task.options, "pack", False)
+    if not packed:
+        steps = total_steps(len(raw.train), t.batch_size, t.grad_accum, t.epochs, t.max_steps)
+        summary += f"; {steps} optimizer steps"
+        if isinstance(recipe.adapter, AdaLoraSection):
+            tinit, tfinal = resolve_schedule(recipe.adapter, steps)
+            summary += f" (AdaLoRA warm-up {tinit}, final {tfinal})"
+    return summary
