@@ -145,6 +145,7 @@ class TrainSection(Section):
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     seed: int = 42
     eval_every: Optional[int] = Field(None, ge=1, description="optimizer steps between evaluations; default each epoch")
+    eval_at_start: bool = Field(False, description="evaluate the untrained model too, as step 0")
     log_every: int = Field(10, ge=1)
     save_every: Optional[int] = Field(None, ge=1, description="optimizer steps between checkpoints; default each epoch")
     keep_checkpoints: int = Field(2, ge=1)

@@ -34,6 +34,7 @@ class TrainResult:
     adapter_dir: Path
     metrics: dict[str, float]
     metadata: dict[str, Any]
+    model: Any  # the trained model, adapter attached, for use in the same process
 
 
 def set_seed(seed: int) -> None:
@@ -124,7 +125,12 @@ def _format_metrics(metrics: dict[str, float]) -> str:
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
           echo: Callable[[str], None] = print) -> TrainResult:
     """Run a recipe end to end: plan, load, train with evaluation and checkpoints, save the adapter."""
+    import warnings
+
     from accelerate import Accelerator
+
+    # bitsandbytes warns on every 8-bit matmul that float32 inputs go through float16; once is enough
+    warnings.filterwarnings("once", message=r"MatMul8bitLt: inputs will be cast")
 
     target, run_dir = check_destination(recipe, resume, overwrite)
     t = recipe.train
@@ -171,6 +177,10 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     n_batches = len(plan_batches(lengths, t.batch_size, t.seed, 0, t.group_by_length, world))
     per_epoch = steps_per_epoch(n_batches, t.grad_accum, world)
     bar = _progress_bar(plan.total_steps, progress["step"], enabled=main and t.progress)
+    if t.eval_at_start and progress["step"] == 0:
+        metrics = evaluate(model)
+        progress["history"].append({"step": 0, **metrics})
+        say(f"step 0/{plan.total_steps} eval: {_format_metrics(metrics)}")
     model.train()
     started = time.perf_counter()
     seconds_before = progress["train_seconds"]
@@ -256,7 +266,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
             seal(folder, metadata)
         say(f"saved {target} in {seconds:.0f} s of training: {_format_metrics(metrics)}")
     accelerator.wait_for_everyone()
-    return TrainResult(result_dir, metrics, metadata)
+    return TrainResult(result_dir, metrics, metadata, unwrapped)
 
 
 def _resumable(progress: dict[str, Any], groups: list) -> dict[str, Any]:

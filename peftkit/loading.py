@@ -1,0 +1,70 @@
+"""Load a trained adapter folder back onto a freshly loaded base, checking that both are what they claim."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .artifacts import read_metadata, sha256_file
+from .build import load_base_for_task
+from .errors import PeftkitError
+from .models import BaseRef, fingerprint, load_tokenizer, pick_device, resolve_base
+from .recipe import Recipe
+from .tasks import TaskHead, make_task
+
+
+@dataclass
+class LoadedAdapter:
+    folder: Path
+    metadata: dict[str, Any]
+    recipe: Recipe
+    task: TaskHead
+    tokenizer: Any
+    model: Any  # in eval mode
+
+
+def verify_files(folder: Path, metadata: dict[str, Any]) -> None:
+    """Every file recorded at save time is present with the same sha256."""
+    for relative, expected in metadata.get("files", {}).items():
+        path = folder / relative
+        if not path.is_file():
+            raise PeftkitError(f"{folder}: {relative} is missing; restore it or retrain the adapter")
+        if sha256_file(path) != expected:
+            raise PeftkitError(f"{path} is corrupt (its checksum differs from the one saved); restore it or retrain")
+
+
+def load_trained(folder: str | Path, device: str = "auto", check_base: bool = True) -> LoadedAdapter:
+    """The adapter in ``folder`` on its base model, ready for inference.
+
+    ``check_base=False`` is the expert override for a base whose weights differ from the ones the adapter
+    was trained on (a re-saved copy, say); by default that is refused.
+    """
+    folder = Path(folder)
+    metadata = read_metadata(folder)
+    verify_files(folder, metadata)
+    recipe = Recipe.model_validate(metadata["recipe"])
+    task = make_task(metadata["task"]["type"], metadata["task"]["options"], metadata["task"]["state"])
+    base = resolve_base(recipe.base)
+    if check_base:
+        found = fingerprint(base.path)
+        if found != metadata["base"]["fingerprint"]:
+            raise PeftkitError(
+                f"{folder.name} was trained on {metadata['base']['identity']} with weights "
+                f"{metadata['base']['fingerprint'][:19]}, but {base.identity} now has {found[:19]}; point "
+                "base.model at the original weights, or pass check_base=False if you know they are compatible"
+            )
+    tokenizer = load_tokenizer(base, recipe.base)
+    torch_device = pick_device(device)
+    if recipe.adapter is None:  # full fine-tuning saved the whole model
+        whole = BaseRef(folder, metadata["name"], "local")
+        quantization = recipe.quantization.model_copy(update={"bits": None})
+        model = load_base_for_task(recipe.model_copy(update={"quantization": quantization}), task, whole,
+                                   tokenizer, torch_device)
+    else:
+        from peft import PeftModel
+
+        model = load_base_for_task(recipe, task, base, tokenizer, torch_device)
+        model = PeftModel.from_pretrained(model, folder, adapter_name="default")
+    model.eval()
+    return LoadedAdapter(folder, metadata, recipe, task, tokenizer, model)
