@@ -22,7 +22,9 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except PeftkitError as exc:
-            raise click.ClickException(str(exc)) from None
+            # one line, even when a message quotes a multi-line error from a library
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise click.ClickException(" ".join(lines)) from None
         except KeyboardInterrupt:
             raise click.ClickException("interrupted; the last checkpoint is kept, continue with --resume") from None
 

@@ -8,12 +8,14 @@ shuffled again, so padding shrinks while every epoch still sees a random order.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import math
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .errors import PeftkitError
 from .recipe import DataSection
@@ -39,6 +41,59 @@ def _format_of(path: Path, data: DataSection) -> str:
     return builder
 
 
+def _first_lines(path: Path, encoding: str, n: int) -> list[str]:
+    """Up to ``n`` non-blank lines from the top of a text file (without reading all of it)."""
+    lines: list[str] = []
+    with path.open(encoding=encoding, errors="replace", newline="") as fh:
+        for line in fh:
+            if line.strip():
+                lines.append(line.rstrip("\r\n"))
+                if len(lines) == n:
+                    break
+    return lines
+
+
+def _check_table(path: Path, data: DataSection, fmt: str, key: str) -> None:
+    """Refuse a csv/tsv that has no data rows, or fewer/more columns than data.column_names names.
+
+    pandas would otherwise turn surplus leading columns into an index (``column_names: [label, sentence]``
+    on CoLA's four columns reads the *mark* column as the label) or pad missing ones with nulls.
+    """
+    lines = _first_lines(path, data.encoding, 2)
+    if len(lines) < (2 if data.header else 1):
+        raise PeftkitError(f"{key}: {path} has no rows" + (" below its header" if lines else "; it is empty"))
+    if not data.header and data.column_names:
+        if fmt == "tsv":
+            fields = lines[0].split("\t")
+        else:
+            fields = next(csv.reader([lines[0]]))
+        if len(fields) != len(data.column_names):
+            raise PeftkitError(
+                f"data.column_names: {path} has {len(fields)} columns but data.column_names names "
+                f"{len(data.column_names)}; name every column, in order"
+            )
+
+
+def _root_message(exc: BaseException) -> str:
+    # datasets wraps the parser's error ("Expected 2 fields in line 3, saw 4") in a generic one
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """datasets logs parse failures to stderr before raising; the error raised here says it all, once."""
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
 def _load_file(path: Path, data: DataSection, key: str) -> Any:
     import datasets
 
@@ -51,25 +106,31 @@ def _load_file(path: Path, data: DataSection, key: str) -> Any:
             options: dict[str, Any] = {"sep": "\t" if fmt == "tsv" else ",", "encoding": data.encoding}
             if fmt == "tsv":
                 options["quoting"] = csv.QUOTE_NONE  # GLUE text holds stray quotes
-            if not data.header:
-                options["header"] = None
-                if data.column_names:
-                    options["column_names"] = data.column_names
-            elif data.column_names:
+            if data.header and data.column_names:
                 raise PeftkitError("data.column_names: names columns of a header-less file; set data.header: false")
-            if not data.header and not data.column_names:
-                raise PeftkitError(f"data.column_names: {path} has no header; list its columns in data.column_names")
-            ds = datasets.load_dataset("csv", data_files=files, split="train", **options)
+            if not data.header:
+                if not data.column_names:
+                    raise PeftkitError(
+                        f"data.column_names: {path} has no header; list its columns in data.column_names"
+                    )
+                options["header"] = None
+                options["column_names"] = data.column_names
+            _check_table(path, data, fmt, key)
+            with _quiet_datasets():
+                ds = datasets.load_dataset("csv", data_files=files, split="train", **options)
         elif fmt == "txt":
-            ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="paragraph",
-                                       encoding=data.encoding)
+            with _quiet_datasets():
+                ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="paragraph",
+                                           encoding=data.encoding)
         else:
-            ds = datasets.load_dataset(fmt, data_files=files, split="train")
+            with _quiet_datasets():
+                ds = datasets.load_dataset(fmt, data_files=files, split="train")
     except PeftkitError:
         raise
     except Exception as exc:  # parse errors from pandas / pyarrow carry no file name
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise PeftkitError(f"{key}: could not read {path} as {fmt}: {first}; check data.format and data.header") from None
+        raise PeftkitError(
+            f"{key}: could not read {path} as {fmt}: {_root_message(exc)}; check data.format and data.header"
+        ) from None
     if len(ds) == 0:
         raise PeftkitError(f"{key}: {path} has no rows")
     return ds
@@ -120,17 +181,31 @@ def load_task_data(data: DataSection, task: TaskHead, seed: int) -> RawData:
     else:
         if len(train) < 2:
             raise PeftkitError(f"data.train: {data.train} has {len(train)} row; give data.eval or more rows")
-        split = train.train_test_split(test_size=data.eval_fraction, seed=seed)
+        n_eval = math.ceil(data.eval_fraction * len(train))
+        if len(train) - n_eval < 1:
+            raise PeftkitError(
+                f"data.eval_fraction: {data.eval_fraction:g} of the {len(train)} rows of {data.train} leaves none "
+                "to train on; lower data.eval_fraction, give data.eval, or add rows"
+            )
+        split = train.train_test_split(test_size=n_eval, seed=seed)
         train, eval_ = split["train"], split["test"]
         eval_columns = columns
         eval_source = f"{data.train} (eval split of {data.eval_fraction:g})"
     train = _to_roles(train, columns)
     eval_ = _to_roles(eval_, eval_columns)
+    # Fitted on every row, before any is dropped: the labels do not depend on max_train_samples, a bad eval
+    # row is reported by its row number in its file, and an eval split carved from train learns from the
+    # whole file (a rare label that lands only in the split is still one of the file's labels).
+    if data.eval is None:
+        import datasets
+
+        task.fit(datasets.concatenate_datasets([train, eval_]), eval_, eval_source)
+    else:
+        task.fit(train, eval_, eval_source)
     if data.max_train_samples and len(train) > data.max_train_samples:
         train = train.shuffle(seed=seed).select(range(data.max_train_samples))
     if data.max_eval_samples and len(eval_) > data.max_eval_samples:
         eval_ = eval_.shuffle(seed=seed).select(range(data.max_eval_samples))
-    task.fit(train, eval_, eval_source)
     return RawData(train, eval_, data.train, eval_source)
 
 

@@ -115,7 +115,11 @@ def _hub_snapshot(repo_id: str, revision: Optional[str]) -> Path:
     except LocalEntryNotFoundError:
         pass
     except Exception as exc:  # malformed id and the like
-        raise PeftkitError(f"base.model: {repo_id!r} is neither a local folder nor a valid hub id ({exc})") from None
+        why = " ".join(str(exc).split())
+        raise PeftkitError(
+            f"base.model: {repo_id!r} is neither a local folder nor a valid hub id ({why}); give a packaged name "
+            f"({', '.join(PACKAGED)}), a model folder, or an ORG/NAME hub id"
+        ) from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     how = (
         f"download it on a connected machine (huggingface-cli download {repo_id} --local-dir DIR), copy DIR "

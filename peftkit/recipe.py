@@ -17,11 +17,28 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import PeftkitError, RecipeError
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class SectionProblems(ValueError):
+    """Problems a section finds across its fields, each reported under its own key: ``(key, message)``."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {message}" for key, message in problems))
 
 
 class Section(BaseModel):
@@ -47,9 +64,32 @@ class QuantizationSection(Section):
     skip_modules: list[str] = Field(default_factory=list, description="extra modules kept in full precision")
 
 
-TargetModules = Union[Literal["all-linear"], Annotated[list[str], Field(min_length=1)]]
+def _target_modules(value: Any) -> Any:
+    # one message for the whole union instead of one per member ("literal['all-linear']", "list[str]")
+    if value == "all-linear" or (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+        return value
+    hint = f"; for one module write [{value}]" if isinstance(value, str) else ""
+    raise ValueError(f"use all-linear or a list of module names such as [query, value] (got {value!r}){hint}")
+
+
+def _phase_length(value: Any) -> Any:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-1 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"use a whole number of steps or a fraction in [0, 1) (got {value!r})")
+    if isinstance(value, float) and not 0 <= value < 1:
+        raise ValueError(f"a fraction of training must be in [0, 1) (got {value}); or give a whole number of steps")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"a number of steps must be >= 0 (got {value})")
+    return value
+
+
+TargetModules = Annotated[Union[Literal["all-linear"], list[str]], BeforeValidator(_target_modules)]
 # An AdaLoRA phase length: an int counts optimizer steps, a float in [0, 1) is a fraction of training.
-PhaseLength = Union[StrictInt, float]
+PhaseLength = Annotated[Union[StrictInt, float], BeforeValidator(_phase_length)]
 
 
 class LoraSection(Section):
@@ -88,17 +128,14 @@ class AdaLoraSection(Section):
     def _check(self) -> "AdaLoraSection":
         problems = []
         if self.target_r > self.init_r:
-            problems.append(f"target_r ({self.target_r}) must be <= init_r ({self.init_r}); lower target_r or raise init_r")
-        for key in ("warmup", "final"):
-            value = getattr(self, key)
-            if isinstance(value, float) and not 0 <= value < 1:
-                problems.append(f"{key} ({value}) must be a fraction in [0, 1) or a whole number of steps")
-            if isinstance(value, int) and value < 0:
-                problems.append(f"{key} ({value}) must be >= 0")
+            problems.append(
+                ("target_r", f"{self.target_r} must be <= init_r ({self.init_r}); lower target_r or raise init_r")
+            )
         if isinstance(self.warmup, float) and isinstance(self.final, float) and self.warmup + self.final >= 1:
-            problems.append(f"warmup + final ({self.warmup} + {self.final}) must leave room for pruning: keep it below 1")
+            problems.append(("warmup", f"warmup + final ({self.warmup} + {self.final}) leaves no room for pruning; "
+                                       "keep the sum below 1"))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise SectionProblems(problems)
         return self
 
 
@@ -160,15 +197,15 @@ class OutputSection(Section):
     registry: str = Field("adapters", description="registry root; trained adapters land in <registry>/<name>/")
     runs: str = Field("runs", description="where checkpoints and TensorBoard logs go: <runs>/<name>/")
 
-    @model_validator(mode="after")
-    def _check_name(self) -> "OutputSection":
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
         from .naming import check_adapter_name
 
         try:
-            check_adapter_name(self.name)
+            return check_adapter_name(name)
         except PeftkitError as exc:
             raise ValueError(str(exc)) from None
-        return self
 
 
 class Recipe(Section):
@@ -182,14 +219,12 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
-        problems = []
         if self.quantization.bits and self.adapter is None:
-            problems.append(
-                f"a {self.quantization.bits}-bit base is frozen and cannot be fully fine-tuned: add an adapter "
-                "section or set quantization.bits: null"
-            )
-        if problems:
-            raise ValueError("; ".join(problems))
+            raise SectionProblems([(
+                "adapter",
+                f"required with quantization.bits: {self.quantization.bits} (a quantized base is frozen and cannot be "
+                "fully fine-tuned); add an adapter section or set quantization.bits: null",
+            )])
         return self
 
     @property
@@ -308,7 +343,8 @@ def _model_classes(annotation: Any) -> list[type[BaseModel]]:
     return found
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any]) -> list[str]:
+    """One pydantic error as problem lines, each starting with its key path."""
     loc = tuple(str(x) for x in error["loc"])
     kind = error["type"]
     if kind == "extra_forbidden":
@@ -322,31 +358,36 @@ def _describe(error: dict[str, Any]) -> str:
                 hint = f"; did you mean `{close[0]}`?"
             elif loc[0] == "adapter":
                 hint = f"; {_where_key_belongs(key)}"
-        return f"{path}: unknown key{hint or '; remove it'}"
+        return [f"{path}: unknown key{hint or '; remove it'}"]
     if kind == "union_tag_invalid":
         path = ".".join(loc)
-        return f"{path}.method: {error['ctx'].get('tag')!r} is not a method; use lora or adalora"
+        return [f"{path}.method: {error['ctx'].get('tag')!r} is not a method; use lora or adalora"]
     if kind == "union_tag_not_found":
-        return f"{'.'.join(loc)}.method: missing; set method: lora or method: adalora"
+        return [f"{'.'.join(loc)}.method: missing; set method: lora or method: adalora"]
     if len(loc) >= 2 and loc[0] == "adapter" and loc[1] in ("lora", "adalora"):
         loc = (loc[0], *loc[2:])
     path = ".".join(loc) or "recipe"
     message = error["msg"]
     if kind == "missing":
-        return f"{path}: required, but missing"
+        return [f"{path}: required, but missing"]
     if kind == "value_error":
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, SectionProblems):
+            prefix = "" if path == "recipe" else f"{path}."
+            return [f"{prefix}{key}: {text}" for key, text in cause.problems]
         message = message.removeprefix("Value error, ")
-        return f"{path}: {message}" if path != "recipe" else message
+        return [f"{path}: {message}"]
     value = error.get("input")
     shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
-    return f"{path}: {message[0].lower()}{message[1:]}{shown}"
+    return [f"{path}: {message[0].lower()}{message[1:]}{shown}"]
 
 
 def _where_key_belongs(key: str) -> str:
     for cls in (LoraSection, AdaLoraSection):
         if key in cls.model_fields:
             other = typing.get_args(cls.model_fields["method"].annotation)[0]
-            return f"`{key}` is a {other} option: set method: {other}"
+            article = "an" if other[0] in "aeiou" else "a"
+            return f"`{key}` is {article} {other} option: set method: {other}"
     return "remove it"
 
 
@@ -356,7 +397,7 @@ def build_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(e) for e in exc.errors()]
+        problems = [line for e in exc.errors() for line in _describe(e)]
         recipe = None
     task = data.get("task") if isinstance(data.get("task"), dict) else None
     if task is not None and isinstance(task.get("type"), str):

@@ -57,7 +57,10 @@ def validate_task_options(task_type: str, options: dict[str, Any]) -> list[str]:
                 )
                 problems.append(f"{path}: unknown key; {hint}")
             else:
-                problems.append(f"{path}: {error['msg']}")
+                message = error["msg"].removeprefix("Value error, ")
+                value = error.get("input")
+                shown = "" if error["type"] == "value_error" or isinstance(value, (dict, list)) else f" (got {value!r})"
+                problems.append(f"{path}: {message[0].lower()}{message[1:]}{shown}")
         return problems
     return []
 

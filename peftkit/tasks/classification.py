@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..errors import PeftkitError
 from .base import HeadOptions, TaskHead
-
-
-class ClassificationOptions(HeadOptions):
-    labels: Optional[list[str]] = Field(None, min_length=2, description="label names in id order; default sorted")
 
 
 def _label_key(value: Any) -> str:
@@ -24,6 +20,27 @@ def _label_key(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip()
+
+
+class ClassificationOptions(HeadOptions):
+    labels: Optional[list[str]] = Field(None, min_length=2, description="label names in id order; default sorted")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _as_names(cls, value: Any) -> Any:
+        # `labels: [0, 1]` in YAML are numbers; the data's 0/1 labels are matched as text either way
+        if not isinstance(value, list):
+            return value
+        names = [_label_key(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
+        repeated = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{repeated[0]!r} is listed twice; list each label once")
+        return names
+
+
+def _shown(labels: list[str], limit: int = 10) -> str:
+    more = f", ... ({len(labels)} in all)" if len(labels) > limit else ""
+    return ", ".join(labels[:limit]) + more
 
 
 def _sorted_labels(values: set[str]) -> list[str]:
@@ -68,7 +85,7 @@ class Classification(TaskHead):
             unknown = sorted(seen - set(self.state["labels"]))
             if unknown:
                 raise PeftkitError(
-                    f"data.train: label {unknown[0]!r} is not in task.labels {self.state['labels']}; "
+                    f"data.train: label {unknown[0]!r} is not in task.labels ({_shown(self.labels)}); "
                     "add it to task.labels or fix the data"
                 )
         if len(self.labels) < 2:
@@ -76,11 +93,12 @@ class Classification(TaskHead):
                                "classification needs at least two")
         if eval_rows is not None:
             known = set(self.labels)
+            where = "task.labels" if self.options.labels else "the training data"
             for i, value in enumerate(eval_rows["label"]):
                 if _label_key(value) not in known:
                     raise PeftkitError(
-                        f"{eval_source}: row {i + 1} has label {_label_key(value)!r}, which the training data "
-                        f"does not have ({', '.join(self.labels)}); fix that row or list the label in task.labels"
+                        f"{eval_source}: row {i + 1} has label {_label_key(value)!r}, which {where} does not have "
+                        f"({_shown(self.labels)}); fix that row or list the label in task.labels"
                     )
 
     def encode(self, rows: dict[str, list], tokenizer: Any, max_length: int) -> dict[str, list]:
