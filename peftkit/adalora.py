@@ -61,13 +61,21 @@ def orthogonal_regularization(model: torch.nn.Module, adapter_name: str = "defau
 
 
 def final_ranks(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, int]:
-    """Module name -> number of singular values that survived pruning (non-zero ``lora_E``)."""
+    """Module name -> ranks kept by AdaLoRA's mask (all of ``init_r`` before the first pruning).
+
+    Read from peft's ``rank_pattern`` (one bool per singular value) rather than from non-zero ``lambda``:
+    ``lambda`` starts at zero, so counting non-zeros would report rank 0 for modules nothing pruned.
+    """
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    pattern = getattr(config, "rank_pattern", None) or {}
     ranks = {}
     suffix = f".lora_E.{adapter_name}"
     for name, p in model.named_parameters():
         if name.endswith(suffix):
-            module = name[: -len(suffix)].removeprefix("base_model.model.")
-            ranks[module] = int(torch.count_nonzero(p.detach()).item())
+            module = name[: -len(suffix)].removeprefix("base_model.").removeprefix("model.")
+            # peft keys the pattern with the adapter name in memory and without it once saved
+            mask = pattern.get(f"{module}.lora_E.{adapter_name}", pattern.get(f"{module}.lora_E"))
+            ranks[module] = int(sum(bool(x) for x in mask)) if mask is not None else p.shape[0]
     return ranks
 
 
@@ -89,7 +97,7 @@ class AdaLoraDriver:
         """Reallocate ranks for optimizer step ``step`` (1-based); call before ``zero_grad``. Returns the budget."""
         self.tuner.update_and_allocate(step)
         self.reallocations += 1
-        budget = sum(final_ranks(self.tuner.model if hasattr(self.tuner, "model") else self.tuner).values())
+        budget = sum(final_ranks(self.tuner).values())
         self.budget_history.append((step, budget))
         return budget
 

@@ -1,0 +1,80 @@
+"""AdaLoRA driven by peftkit: schedule, one reallocation per optimizer step, final budget, regularization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftkit import adalora
+from peftkit.build import build_model, plan_run
+from peftkit.errors import PeftkitError
+from peftkit.recipe import AdaLoraSection, build_recipe
+from peftkit.training import train
+
+QUIET = {"echo": lambda line: None}
+
+
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_reallocates_once_per_optimizer_step_and_meets_the_budget(recipe_for, grad_accum, monkeypatch):
+    calls = []
+    original = adalora.AdaLoraDriver.after_optimizer_step
+
+    def counting(self, step):
+        calls.append(step)
+        return original(self, step)
+
+    monkeypatch.setattr(adalora.AdaLoraDriver, "after_optimizer_step", counting)
+    recipe = build_recipe(recipe_for(adapter="adalora", train={"batch_size": 8, "grad_accum": grad_accum,
+                                                               "epochs": 2, "eval_at_start": False}))
+    result = train(recipe, **QUIET)
+
+    steps = result.metadata["training"]["optimizer_steps"]
+    assert steps == -(-(256 // 8) // grad_accum) * 2  # 256 rows, batches of 8, two epochs
+    assert calls == list(range(1, steps + 1))
+    info = result.metadata["adapter"]["adalora"]
+    assert info["reallocations"] == steps
+    n_modules = len(info["final_ranks"])
+    assert info["target_budget"] == n_modules * 3
+    assert info["final_budget"] == info["target_budget"] == sum(adalora.final_ranks(result.model).values())
+    assert info["budget_history"][0][1] == n_modules * 6  # nothing pruned in the warm-up
+    assert max(info["final_ranks"].values()) <= 6
+
+
+def test_orthogonal_regularization_matches_peft(recipe_for):
+    """peft adds the same term to ``outputs.loss`` when the model computes its loss; ours must agree."""
+    recipe = build_recipe(recipe_for(adapter="adalora"))
+    plan = plan_run(recipe)
+    model = build_model(plan, torch.device("cpu")).model
+    with torch.no_grad():  # move A and B away from their near-zero init so the term is not trivial
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.normal_(0, 0.3)
+    rows = [plan.train_rows[i] for i in range(4)]
+    batch = plan.task.collate(rows, plan.tokenizer)
+    model.train()
+    torch.manual_seed(0)
+    with_peft = model(**batch)  # labels included: peft adds orth_reg_weight * R to the loss
+    torch.manual_seed(0)
+    task_loss = plan.task.loss(model(**plan.task.model_inputs(batch)), batch)
+    ours = recipe.adapter.orth_reg_weight * adalora.orthogonal_regularization(model)
+    assert float(ours) > 0.01
+    torch.testing.assert_close(with_peft.loss, task_loss + ours, rtol=1e-5, atol=1e-6)
+
+
+def test_orthogonal_regularization_reaches_a_classification_head_run(recipe_for):
+    """The classifier computes its own loss (peft never sees labels); the term must still train A and B."""
+    def final_regularization(weight: float) -> float:
+        data = recipe_for(adapter="adalora", train={"eval_at_start": False, "lr": 2e-2},
+                          output={"name": f"orth-{weight}"})
+        data["adapter"]["orth_reg_weight"] = weight
+        result = train(build_recipe(data), **QUIET)
+        return float(adalora.orthogonal_regularization(result.model))
+
+    assert final_regularization(1.0) < 0.8 * final_regularization(0.0)
+
+
+def test_schedule_that_leaves_no_pruning_step_is_refused():
+    section = AdaLoraSection(warmup=5, final=5)
+    with pytest.raises(PeftkitError, match=r"leaves no step to prune ranks in a run of 10 optimizer steps"):
+        adalora.resolve_schedule(section, 10)
+    assert adalora.resolve_schedule(AdaLoraSection(warmup=0.1, final=0.3), 100) == (10, 30)
