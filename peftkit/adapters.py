@@ -76,7 +76,7 @@ def peft_config(section: AdapterSection, task: TaskHead, targets: list[str], mod
         lora_alpha=section.lora_alpha,
         lora_dropout=section.lora_dropout,
         task_type=task.peft_task_type,
-        modules_to_save=modules_to_save or None,
+        modules_to_save=list(modules_to_save) or None,  # a copy: peft extends this list in place for SEQ_CLS
         **_layers_kwargs(section, model),
     )
     if isinstance(section, LoraSection):

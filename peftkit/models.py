@@ -97,6 +97,11 @@ def _dequantized_gguf(name: str, gguf_path: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # transformers has already dequantized every tensor to float32, but still marks the model as GGUF-quantized
+    # and refuses to save it; the marks describe nothing that is left, so they go.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     try:
