@@ -79,6 +79,23 @@ def final_ranks(model: torch.nn.Module, adapter_name: str = "default") -> dict[s
     return ranks
 
 
+def orthogonal_init(model: torch.nn.Module, adapter_name: str = "default") -> int:
+    """Re-initialise every AdaLoRA ``P`` (lora_B) and ``Q`` (lora_A) with orthonormal columns / rows.
+
+    AdaLoRA's update ``P diag(lambda) Q`` is an SVD only when P and Q are orthonormal; the regularizer pulls
+    them there. Starting there makes the regularizer zero at step 0 instead of about ``sqrt(r)`` per matrix,
+    and gives each singular value a unit-scale direction, so ``lambda`` (still zero: the adapter's first
+    output is still exactly the base's) learns at LoRA's pace. Returns the number of matrices set.
+    """
+    count = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((f"lora_A.{adapter_name}", f"lora_B.{adapter_name}")) and p.numel() > 0:
+                torch.nn.init.orthogonal_(p)
+                count += 1
+    return count
+
+
 @dataclass
 class AdaLoraDriver:
     """Calls peft's allocator once per optimizer step and keeps the budget history."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .adalora import resolve_schedule
+from .adalora import orthogonal_init, resolve_schedule
 from .adapters import count_parameters, inject, peft_config, present_head_modules, resolve_target_modules
 from .data import RawData, encode, load_task_data, total_steps
 from .models import BaseRef, load_pretrained, load_tokenizer, memory_footprint, resolve_base
@@ -84,5 +84,7 @@ def build_model(plan: Plan, device: Any) -> BuiltModel:
     config = peft_config(recipe.adapter, plan.task, targets, heads, model, plan.total_steps, plan.schedule)
     model = inject(model, config, quantized=recipe.quantization.bits is not None,
                    gradient_checkpointing=recipe.train.gradient_checkpointing)
+    if isinstance(recipe.adapter, AdaLoraSection) and recipe.adapter.orthogonal_init:
+        orthogonal_init(model)
     trainable, total = count_parameters(model)
     return BuiltModel(model, base_bytes, trainable, total, targets, heads)

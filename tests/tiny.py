@@ -28,9 +28,12 @@ def build_tokenizer(folder: Path, chat_template: bool = False):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + ["<|user|>", "<|assistant|>"] + WORDS + list("0123456789"))}
+    chat = ["<|user|>", "<|assistant|>"]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chat + WORDS + ["say"] + list("0123456789"))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIALS + chat)  # kept whole, not split at '<' and '|'
+
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],

