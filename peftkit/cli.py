@@ -68,3 +68,69 @@ def train(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool
     from .training import train as run_training
 
     run_training(loaded, resume=resume, overwrite=overwrite, echo=click.echo)
+
+
+_registry_option = click.option(
+    "--registry", default=lambda: os.environ.get("PEFTKIT_REGISTRY", "adapters"), show_default="adapters",
+    help="Registry root (or set PEFTKIT_REGISTRY).",
+)
+
+
+@main.group()
+def adapters() -> None:
+    """List, inspect and remove registered adapters."""
+
+
+@adapters.command("list")
+@_registry_option
+@_friendly
+def adapters_list(registry: str) -> None:
+    """One line per adapter: name, task, base, method, rank, size, key metric, created."""
+    from .inspect import listing
+
+    click.echo(listing(registry))
+
+
+@adapters.command("show")
+@click.argument("name")
+@_registry_option
+@_friendly
+def adapters_show(name: str, registry: str) -> None:
+    """Everything in NAME's metadata, whether its files check out, and AdaLoRA's rank report."""
+    from .inspect import describe
+
+    click.echo(describe(registry, name))
+
+
+@adapters.command("rm")
+@click.argument("name")
+@_registry_option
+@_friendly
+def adapters_rm(name: str, registry: str) -> None:
+    """Remove NAME from the registry."""
+    from .registry import Registry
+
+    Registry(registry).remove(name)
+    click.echo(f"removed {name}")
+
+
+@main.group()
+def adalora() -> None:
+    """AdaLoRA tools."""
+
+
+@adalora.command("to-lora")
+@click.argument("source")
+@click.option("--name", required=True, help="Name of the LoRA adapter to register.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing adapter of that name.")
+@_registry_option
+@_friendly
+def adalora_to_lora(source: str, name: str, overwrite: bool, registry: str) -> None:
+    """Convert AdaLoRA adapter SOURCE into an exact plain-LoRA adapter NAME with per-module ranks."""
+    from .convert import to_lora
+    from .inspect import conversion_summary
+    from .registry import Registry
+
+    reg = Registry(registry)
+    to_lora(reg, source, name, overwrite=overwrite, warn=lambda m: click.echo(f"Warning: {m}", err=True))
+    click.echo(conversion_summary(reg, source, name))

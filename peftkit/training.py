@@ -13,6 +13,7 @@ import contextlib
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -26,6 +27,7 @@ from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, sa
 from .data import eval_batches, plan_batches, steps_per_epoch
 from .errors import PeftkitError
 from .models import describe_quantization, fingerprint, pick_device
+from .rank_report import HEATMAP_FILE, save_heatmap
 from .recipe import AdaLoraSection, Recipe
 
 
@@ -125,8 +127,6 @@ def _format_metrics(metrics: dict[str, float]) -> str:
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
           echo: Callable[[str], None] = print) -> TrainResult:
     """Run a recipe end to end: plan, load, train with evaluation and checkpoints, save the adapter."""
-    import warnings
-
     from accelerate import Accelerator
 
     # bitsandbytes warns on every 8-bit matmul that float32 inputs go through float16; once is enough
@@ -261,8 +261,13 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     if main:
         metadata = _metadata(recipe, plan, built, unwrapped, driver, base_fp, metrics, progress, seconds,
                              examples, per_epoch, world, device)
-        with staged_folder(target, overwrite=overwrite) as folder:
+        with staged_folder(target, overwrite=overwrite) as folder, warnings.catch_warnings():
+            # peft flags the zero-size tensors of modules AdaLoRA pruned to rank 0 as unsharded ZeRO-3 leftovers
+            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
             unwrapped.save_pretrained(folder)
+            if driver is not None:
+                save_heatmap(metadata["adapter"]["adalora"]["final_ranks"], recipe.adapter.init_r,
+                             folder / HEATMAP_FILE, f"{recipe.output.name}: AdaLoRA final ranks")
             seal(folder, metadata)
         say(f"saved {target} in {seconds:.0f} s of training: {_format_metrics(metrics)}")
     accelerator.wait_for_everyone()

@@ -1,0 +1,135 @@
+"""Exact conversion of a trained AdaLoRA adapter into a plain LoRA adapter with a per-module rank.
+
+peft's AdaLoRA layer adds ``B diag(E) A x * alpha / (r0 + 1e-5)`` (``r0`` = ``init_r``, ``E`` masked to the
+surviving singular values). Keeping only the surviving indices ``k``, the same update is a LoRA update
+``B' A' x * scaling`` with::
+
+    A' = E[k] * A[k, :] * alpha / (r0 + 1e-5)      (rank_k x in)
+    B' = B[:, k]                                    (out x rank_k)
+    scaling = lora_alpha / r = 1                    (lora_alpha = r = rank_k per module)
+
+so a LoRA adapter with ``rank_pattern`` = ``alpha_pattern`` = the surviving ranks gives the same outputs, can
+be loaded by anything that knows LoRA (plain peft, vLLM, mixed batches), and has no ``E`` to carry. A module
+pruned to rank 0 adds nothing and is left out of the LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .artifacts import build_metadata, seal, staged_folder
+from .errors import PeftkitError
+from .loading import verify_files
+from .registry import Registry
+
+PREFIX = "base_model.model."
+
+
+def _adalora_modules(weights: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(k[len(PREFIX):-len(".lora_E")] for k in weights if k.endswith(".lora_E"))
+
+
+def convert_weights(weights: dict[str, torch.Tensor], alpha: float, init_r: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """LoRA tensors and per-module ranks from a saved AdaLoRA state dict (peft's on-disk names)."""
+    out: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    # peft's ranknum is a float32 parameter: divide by the same float32 value it does
+    scale = torch.tensor(alpha, dtype=torch.float32) / (torch.tensor(float(init_r), dtype=torch.float32) + 1e-5)
+    for module in _adalora_modules(weights):
+        A = weights[f"{PREFIX}{module}.lora_A"].float()
+        B = weights[f"{PREFIX}{module}.lora_B"].float()
+        E = weights[f"{PREFIX}{module}.lora_E"].float()
+        keep = (E.view(-1) != 0).nonzero().view(-1)
+        ranks[module] = int(keep.numel())
+        if keep.numel() == 0:
+            continue
+        out[f"{PREFIX}{module}.lora_A.weight"] = (A[keep] * E[keep] * scale).contiguous()
+        out[f"{PREFIX}{module}.lora_B.weight"] = B[:, keep].contiguous()
+    lora_keys = (".lora_A", ".lora_B", ".lora_E")
+    for key, tensor in weights.items():  # the task head (modules_to_save) travels unchanged
+        if not key.endswith(lora_keys):
+            out[key] = tensor
+    return out, ranks
+
+
+def lora_config_for(adalora_config: dict[str, Any], ranks: dict[str, int]) -> dict[str, Any]:
+    from peft import LoraConfig
+
+    kept = {m: r for m, r in ranks.items() if r > 0}
+    if not kept:
+        raise PeftkitError("the AdaLoRA adapter kept no rank in any module: there is nothing to convert")
+    common_r = Counter(kept.values()).most_common(1)[0][0]
+    config = LoraConfig(
+        r=common_r,
+        lora_alpha=common_r,
+        target_modules=sorted(kept),
+        rank_pattern=dict(kept),
+        alpha_pattern=dict(kept),  # scaling = alpha / r = 1 in every module: alpha is folded into A
+        lora_dropout=adalora_config.get("lora_dropout", 0.0),
+        task_type=adalora_config.get("task_type"),
+        modules_to_save=sorted(set(adalora_config.get("modules_to_save") or [])) or None,
+        base_model_name_or_path=adalora_config.get("base_model_name_or_path"),
+    )
+    return config.to_dict()
+
+
+def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
+            warn: Callable[[str], None] = lambda message: warnings.warn(message, stacklevel=2)) -> Path:
+    """Convert registered AdaLoRA adapter ``source`` into a LoRA adapter registered as ``name``."""
+    from safetensors.torch import load_file, save_file
+
+    entry = registry.get(source)
+    if entry.metadata["adapter"]["method"] != "adalora":
+        raise PeftkitError(
+            f"{source} is a {entry.metadata['adapter']['method']} adapter; `adalora to-lora` converts AdaLoRA "
+            "adapters only"
+        )
+    verify_files(entry.folder, entry.metadata)
+    target = registry.target(name)
+    if target.exists() and not overwrite:
+        raise PeftkitError(f"adapter {name!r} already exists in {registry.root}/; choose another --name or pass --overwrite")
+    info = entry.metadata["adapter"]["adalora"]
+    if info["final_budget"] != info["target_budget"]:
+        warn(f"{source} stopped before its final budget ({info['final_budget']} ranks kept, target "
+             f"{info['target_budget']}); converting the {info['final_budget']} ranks it kept")
+    adalora_config = json.loads((entry.folder / "adapter_config.json").read_text())
+    weights = load_file(str(entry.folder / "adapter_model.safetensors"))
+    lora_weights, ranks = convert_weights(weights, adalora_config["lora_alpha"], adalora_config["init_r"])
+    config = lora_config_for(adalora_config, ranks)
+
+    kept = {m: r for m, r in ranks.items() if r > 0}
+    recipe = dict(entry.metadata["recipe"])
+    recipe["adapter"] = {"method": "lora", "r": config["r"], "lora_alpha": float(config["r"]),
+                         "lora_dropout": config["lora_dropout"], "target_modules": sorted(kept)}
+    recipe["output"] = {**recipe["output"], "name": name}
+    metadata = build_metadata(**{
+        **{k: v for k, v in entry.metadata.items() if k not in ("format_version", "created", "versions", "files")},
+        "name": name,
+        "recipe": recipe,
+        "adapter": {
+            "method": "lora",
+            "targets": sorted(kept),
+            "head_modules": entry.metadata["adapter"].get("head_modules", []),
+            "rank_pattern": kept,
+            "trainable_parameters": sum(t.numel() for t in lora_weights.values()),
+            "total_parameters": entry.metadata["adapter"].get("total_parameters"),
+        },
+        "provenance": {
+            "converted_from": source,
+            "conversion": "adalora-to-lora (exact)",
+            "source_files": entry.metadata.get("files", {}),
+            "source_created": entry.metadata.get("created"),
+            "dropped_modules": sorted(m for m, r in ranks.items() if r == 0),
+        },
+    })
+    with staged_folder(target, overwrite=overwrite) as folder:
+        save_file(lora_weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
+        seal(folder, metadata)
+    return target

@@ -1,0 +1,89 @@
+"""Text views of the registry for the CLI: listing, one adapter in full, a conversion's outcome."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import PeftkitError
+from .loading import verify_files
+from .rank_report import HEATMAP_FILE, report
+from .registry import Registry, key_metric
+
+
+def _size(n_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return str(n_bytes)
+
+
+def _rank(adapter: dict[str, Any], recipe: dict[str, Any]) -> str:
+    if adapter.get("method") == "adalora":
+        info = adapter["adalora"]
+        return f"{info['init_r']}->{info['target_r']}"
+    if adapter.get("rank_pattern"):
+        ranks = adapter["rank_pattern"].values()
+        return f"{min(ranks)}-{max(ranks)}"
+    section = recipe.get("adapter") or {}
+    return str(section.get("r", "-"))
+
+
+def listing(root: str | Path) -> str:
+    registry = Registry(root)
+    entries = registry.entries()
+    if not entries:
+        return f"no adapters in {registry.root}/"
+    rows = [("name", "task", "base", "method", "rank", "size", "metric", "created")]
+    for e in entries:
+        m = e.metadata
+        metric = key_metric(m)
+        rows.append((
+            e.name,
+            m["task"]["type"],
+            f"{m['base']['identity']}" + (f" ({m['base']['quantization']['bits']}-bit)"
+                                          if m["base"]["quantization"].get("bits") else ""),
+            m["adapter"]["method"],
+            _rank(m["adapter"], m.get("recipe", {})),
+            _size(e.size_bytes),
+            f"{metric[0]} {metric[1]:.4f}" if metric else "-",
+            m.get("created", "-")[:16].replace("T", " "),
+        ))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def describe(root: str | Path, name: str) -> str:
+    entry = Registry(root).get(name)
+    m = entry.metadata
+    try:
+        verify_files(entry.folder, m)
+        integrity = f"ok ({len(m.get('files', {}))} files match their checksums)"
+    except PeftkitError as exc:
+        integrity = f"FAILED: {exc}"
+    shown = {k: v for k, v in m.items() if k not in ("recipe", "files", "history")}
+    lines = [f"{name}  ({entry.folder}, {_size(entry.size_bytes)})", f"files: {integrity}"]
+    lines.append(json.dumps(shown, indent=2))
+    if m.get("history"):
+        lines.append("eval history: " + "; ".join(
+            f"step {h['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in h.items() if k != "step")
+            for h in m["history"]))
+    if m["adapter"].get("method") == "adalora":
+        lines.append(report(m))
+        if (entry.folder / HEATMAP_FILE).is_file():
+            lines.append(f"heatmap: {entry.folder / HEATMAP_FILE}")
+    return "\n".join(lines)
+
+
+def conversion_summary(registry: Registry, source: str, name: str) -> str:
+    src, dst = registry.get(source), registry.get(name)
+    src_bytes = (src.folder / "adapter_model.safetensors").stat().st_size
+    dst_bytes = (dst.folder / "adapter_model.safetensors").stat().st_size
+    ranks = dst.metadata["adapter"]["rank_pattern"]
+    dropped = dst.metadata["provenance"]["dropped_modules"]
+    return (f"registered {name}: plain LoRA, {len(ranks)} modules, ranks {min(ranks.values())}-"
+            f"{max(ranks.values())} ({sum(ranks.values())} in all)"
+            + (f", {len(dropped)} modules pruned to rank 0 left out" if dropped else "")
+            + f"; weights {_size(dst_bytes)} (AdaLoRA file {_size(src_bytes)})")
