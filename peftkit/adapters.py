@@ -54,6 +54,18 @@ def resolve_target_modules(model: nn.Module, spec: Union[str, list[str]], head_m
     return list(spec)
 
 
+def resolve_module_paths(model: nn.Module, paths: list[str], key: str) -> list[str]:
+    """Full module paths (``bert.encoder.layer.0.attention.self.query``) checked against ``model``."""
+    present = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    missing = [p for p in paths if p not in present]
+    if missing:
+        raise PeftkitError(
+            f"{key}: this model has no linear layer {missing[0]!r} ({len(missing)} of {len(paths)} modules "
+            "missing); the ranks come from an adapter of another architecture"
+        )
+    return sorted(paths)
+
+
 def _layers_kwargs(section: AdapterSection, model: nn.Module) -> dict[str, Any]:
     if section.layers is None:
         return {}

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .adalora import orthogonal_init, resolve_schedule
-from .adapters import count_parameters, inject, peft_config, present_head_modules, resolve_target_modules
+from .adapters import (count_parameters, inject, peft_config, present_head_modules, resolve_module_paths,
+                       resolve_target_modules)
 from .data import RawData, encode, load_task_data, total_steps
+from .errors import PeftkitError
 from .models import BaseRef, load_pretrained, load_tokenizer, memory_footprint, resolve_base
 from .quantized import freeze_quantized_layers
 from .recipe import AdaLoraSection, Recipe
@@ -31,6 +33,7 @@ class Plan:
     eval_rows: Any
     total_steps: int
     schedule: Optional[tuple[int, int]]  # AdaLoRA (tinit, tfinal)
+    rank_pattern: Optional[dict[str, int]] = None  # LoRA ranks learned by an AdaLoRA adapter
 
 
 def plan_run(recipe: Recipe, num_processes: int = 1) -> Plan:
@@ -43,7 +46,29 @@ def plan_run(recipe: Recipe, num_processes: int = 1) -> Plan:
     t = recipe.train
     steps = total_steps(len(train_rows), t.batch_size, t.grad_accum, t.epochs, t.max_steps, num_processes)
     schedule = resolve_schedule(recipe.adapter, steps) if isinstance(recipe.adapter, AdaLoraSection) else None
-    return Plan(recipe, task, base, tokenizer, raw, train_rows, eval_rows, steps, schedule)
+    return Plan(recipe, task, base, tokenizer, raw, train_rows, eval_rows, steps, schedule,
+                learned_rank_pattern(recipe))
+
+
+def learned_rank_pattern(recipe: Recipe) -> Optional[dict[str, int]]:
+    """Per-module ranks of ``adapter.rank_pattern_from`` (modules AdaLoRA pruned to rank 0 left out)."""
+    source = getattr(recipe.adapter, "rank_pattern_from", None)
+    if source is None:
+        return None
+    from .registry import Registry
+
+    try:
+        entry = Registry(recipe.output.registry).get(source)
+    except PeftkitError as exc:
+        raise PeftkitError(f"adapter.rank_pattern_from: {exc}") from None
+    adapter = entry.metadata["adapter"]
+    ranks = adapter.get("adalora", {}).get("final_ranks") or adapter.get("rank_pattern")
+    if not ranks:
+        raise PeftkitError(
+            f"adapter.rank_pattern_from: {source} is a {adapter['method']} adapter without learned ranks; "
+            "name an AdaLoRA adapter or its LoRA conversion"
+        )
+    return {module: rank for module, rank in ranks.items() if rank > 0}
 
 
 @dataclass
@@ -80,8 +105,12 @@ def build_model(plan: Plan, device: Any) -> BuiltModel:
             model.gradient_checkpointing_enable()
         trainable, total = count_parameters(model)
         return BuiltModel(model, base_bytes, trainable, total, [], heads)
-    targets = resolve_target_modules(model, recipe.adapter.target_modules, tuple(heads))
-    config = peft_config(recipe.adapter, plan.task, targets, heads, model, plan.total_steps, plan.schedule)
+    if plan.rank_pattern is not None:
+        targets = resolve_module_paths(model, list(plan.rank_pattern), "adapter.rank_pattern_from")
+    else:
+        targets = resolve_target_modules(model, recipe.adapter.target_modules, tuple(heads))
+    config = peft_config(recipe.adapter, plan.task, targets, heads, model, plan.total_steps, plan.schedule,
+                         plan.rank_pattern)
     model = inject(model, config, quantized=recipe.quantization.bits is not None,
                    gradient_checkpointing=recipe.train.gradient_checkpointing)
     if isinstance(recipe.adapter, AdaLoraSection) and recipe.adapter.orthogonal_init:

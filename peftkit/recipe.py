@@ -101,6 +101,9 @@ class LoraSection(Section):
     layers: Optional[list[int]] = Field(None, description="indices of the layers to adapt; default all")
     use_rslora: bool = False
     use_dora: bool = False
+    rank_pattern_from: Optional[str] = Field(
+        None, description="a registered AdaLoRA adapter (or its LoRA conversion) whose per-module ranks to reuse"
+    )
 
 
 class AdaLoraSection(Section):

@@ -289,6 +289,7 @@ def _metadata(recipe: Recipe, plan: Plan, built: BuiltModel, model: Any, driver:
         "method": recipe.method,
         "targets": built.targets,
         "head_modules": built.head_modules,
+        **({"rank_pattern": plan.rank_pattern} if plan.rank_pattern else {}),
         "trainable_parameters": built.trainable,
         "total_parameters": built.total,
     }
@@ -331,6 +332,7 @@ def _metadata(recipe: Recipe, plan: Plan, built: BuiltModel, model: Any, driver:
             "num_processes": world,
         },
         recipe=recipe.to_dict(),
+        provenance={"rank_pattern_from": plan.recipe.adapter.rank_pattern_from} if plan.rank_pattern else {},
     )
 
 

@@ -14,6 +14,11 @@ def check_data(recipe: Recipe) -> str:
     raw = load_task_data(recipe.data, task, recipe.train.seed)
     t = recipe.train
     summary = f"data: {len(raw.train):,} train rows, {len(raw.eval):,} eval rows"
+    if getattr(recipe.adapter, "rank_pattern_from", None):
+        from .build import learned_rank_pattern
+
+        ranks = learned_rank_pattern(recipe) or {}
+        summary += f"; ranks of {recipe.adapter.rank_pattern_from}: {len(ranks)} modules, {sum(ranks.values())} in all"
     if task.state.get("labels"):
         summary += f", labels {task.state['labels']}"
     packed = task.state.get("format") == "text" and getattr(task.options, "pack", False)

@@ -78,3 +78,24 @@ def test_schedule_that_leaves_no_pruning_step_is_refused():
     with pytest.raises(PeftkitError, match=r"leaves no step to prune ranks in a run of 10 optimizer steps"):
         adalora.resolve_schedule(section, 10)
     assert adalora.resolve_schedule(AdaLoraSection(warmup=0.1, final=0.3), 100) == (10, 30)
+
+
+def test_rank_pattern_from_starts_lora_with_adalora_ranks(recipe_for):
+    source = train(build_recipe(recipe_for(adapter="adalora", train={"eval_at_start": False, "max_steps": 10},
+                                           output={"name": "ranks"})), **QUIET)
+    ranks = {m: r for m, r in source.metadata["adapter"]["adalora"]["final_ranks"].items() if r > 0}
+    data = recipe_for(adapter="lora", train={"eval_at_start": False, "max_steps": 2}, output={"name": "reuse"})
+    data["adapter"]["rank_pattern_from"] = "ranks"
+    result = train(build_recipe(data), **QUIET)
+
+    assert result.metadata["adapter"]["rank_pattern"] == ranks
+    assert result.metadata["provenance"] == {"rank_pattern_from": "ranks"}
+    shapes = {n: p.shape for n, p in result.model.named_parameters() if "lora_A" in n}
+    for module, rank in ranks.items():
+        assert shapes[f"base_model.model.{module}.lora_A.default.weight"][0] == rank
+    assert len(shapes) == len(ranks)
+
+    data["adapter"]["rank_pattern_from"] = "rnaks"
+    data["output"]["name"] = "typo"
+    with pytest.raises(PeftkitError, match=r"^adapter.rank_pattern_from: no adapter named 'rnaks' in .*; did you mean ranks\?$"):
+        train(build_recipe(data), **QUIET)
