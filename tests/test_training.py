@@ -79,3 +79,28 @@ def test_train_lowers_loss_moves_only_adapter_and_reloads(recipe_for, task, quan
         assert torch.equal(expected, got)
     else:  # peft stores AdaLoRA shrunk to its surviving ranks: same sums, another order
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_options_reach_peft(recipe_for):
+    """rsLoRA, DoRA (on a 4-bit base), named targets and a layer subset end up in the saved peft config."""
+    data = recipe_for(quant="4bit", train={"max_steps": 2, "eval_at_start": False})
+    data["adapter"].update({"use_rslora": True, "use_dora": True, "target_modules": ["query", "value"],
+                            "layers": [1]})
+    result = train(build_recipe(data), **QUIET)
+    import json
+
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["use_rslora"] and config["use_dora"] and config["layers_to_transform"] == [1]
+    adapted = {n.split(".lora_")[0] for n, _ in result.model.named_parameters() if ".lora_A." in n}
+    assert adapted == {"base_model.model.bert.encoder.layer.1.attention.self.query",
+                       "base_model.model.bert.encoder.layer.1.attention.self.value"}
+    assert any("lora_magnitude_vector" in n for n, _ in result.model.named_parameters())
+
+
+def test_same_seed_same_losses(recipe_for):
+    runs = [train(build_recipe(recipe_for(adapter="lora", quant="4bit", output={"name": f"seed{i}"},
+                                          train={"max_steps": 4, "eval_every": 2})), **QUIET) for i in range(2)]
+    assert runs[0].metadata["history"] == runs[1].metadata["history"]
+    other = train(build_recipe(recipe_for(adapter="lora", quant="4bit", output={"name": "seed-other"},
+                                          train={"max_steps": 4, "eval_every": 2, "seed": 8})), **QUIET)
+    assert other.metadata["history"][-1] != runs[0].metadata["history"][-1]
