@@ -7,12 +7,20 @@ the maths (``peft.tuners.adalora``) but leaves the driving to the user: computin
 orthogonal regularization ``R = mean over A, B of ||A A^T - I||_F`` (or ``||B^T B - I||_F``) to the loss,
 which peft only does when the model computes its own loss. :class:`AdaLoraDriver` does all three.
 
-Why peftkit's defaults differ from LoRA's (``AdaLoraSection``): peft initialises ``lambda`` to zero and P, Q
-with std 0.02, so the update starts three factors deep with two of them small, and the regularization's
-gradient (about ``sqrt(r)`` per matrix at init) dwarfs the task's. Under a global gradient-norm clip the
-task gradient, the head's included, is then scaled to almost nothing: with LoRA's learning rate and
-peft's ``orth_reg_weight`` of 0.5 AdaLoRA stays at chance on SST-2. peftkit therefore clips the task
-gradient alone (the regularization's gradient is added after clipping), and uses a larger alpha.
+Why peftkit's defaults differ from LoRA's. An AdaLoRA update is a product of three factors, and peft starts
+two of them small (P, Q ~ N(0, 0.02)) and the third at zero (lambda): under Adam, which moves every parameter
+by about the learning rate, a singular value (one scalar) grows ~sqrt(d) times slower than a LoRA ``B`` column
+(d scalars), so with LoRA's learning rate the update barely leaves zero. Worse, at that init the orthogonal
+regularizer's gradient (about sqrt(r) per matrix, peft's weight 0.5) dwarfs the task's, and a global
+gradient-norm clip then shrinks the task gradient, the classifier head's included, to almost nothing: a
+hand-driven peft + Trainer run with LoRA's settings stays at chance. peftkit therefore clips the task gradient
+alone and adds the regularizer's after the clip, starts P and Q orthonormal (:func:`orthogonal_init`; the
+regularizer is then zero at step 0 and lambda's output is still exactly zero), uses alpha 128 with a
+regularizer weight of 0.1, and trains the adapter at twice ``train.lr`` (``adapter.lr_scale``). Measured on
+MiniLM / SST-2 (8,000 rows, one epoch, rank 12 -> 8 against LoRA r=8 on the same 37 modules, float32 base):
+peft's init with alpha 32 and the recipe's learning rate reached 81.5 % (seed 42); these defaults reach 82.6,
+83.8 and 84.1 % (seeds 42, 1, 2; mean 83.5 %) where LoRA reaches 84.5, 84.8 and 83.8 % (mean 84.4 %). The
+hand-driven run at chance is the issue's report; it is not re-run here.
 """
 
 from __future__ import annotations

@@ -107,17 +107,18 @@ class LoraSection(Section):
 class AdaLoraSection(Section):
     """AdaLoRA (Zhang et al. 2023): SVD-shaped adapters whose ranks are pruned to a budget while training.
 
-    Defaults differ from LoRA's on purpose (see ``peftkit.adalora``): with LoRA's learning rate and the
-    orthogonal regularization folded into a clipped gradient, AdaLoRA does not learn.
+    Defaults differ from LoRA's on purpose (measured and explained in ``peftkit.adalora``): P and Q start
+    orthonormal, alpha is 128 and the adapter learns at twice ``train.lr``.
     """
 
     method: Literal["adalora"] = "adalora"
     init_r: int = Field(12, ge=1)
     target_r: int = Field(8, ge=1, description="average final rank per adapted module")
-    lora_alpha: float = Field(32.0, gt=0)
+    lora_alpha: float = Field(128.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: TargetModules = "all-linear"
     layers: Optional[list[int]] = None
+    lr_scale: float = Field(2.0, gt=0, description="the adapter's learning rate as a multiple of train.lr")
     warmup: PhaseLength = Field(0.1, description="steps (int) or fraction (float) before pruning starts")
     final: PhaseLength = Field(0.3, description="steps or fraction at the end with ranks fixed")
     interval: int = Field(1, ge=1, description="optimizer steps between two reallocations")
@@ -129,9 +130,10 @@ class AdaLoraSection(Section):
     @model_validator(mode="after")
     def _check(self) -> "AdaLoraSection":
         problems = []
-        if self.target_r > self.init_r:
+        if self.target_r >= self.init_r:  # peft's allocator fails when there is no rank to prune
             problems.append(
-                ("target_r", f"{self.target_r} must be <= init_r ({self.init_r}); lower target_r or raise init_r")
+                ("target_r", f"{self.target_r} must be < init_r ({self.init_r}), or AdaLoRA has nothing to prune; "
+                             "lower target_r, raise init_r, or use method: lora")
             )
         if isinstance(self.warmup, float) and isinstance(self.final, float) and self.warmup + self.final >= 1:
             problems.append(("warmup", f"warmup + final ({self.warmup} + {self.final}) leaves no room for pruning; "

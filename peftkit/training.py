@@ -75,6 +75,8 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe, head_modules: list[str]) 
             continue
         is_head = any(f".{h}." in f".{name}" for h in head_modules)
         lr = t.head_lr if (is_head and t.head_lr) else t.lr
+        if "lora_" in name and isinstance(recipe.adapter, AdaLoraSection):
+            lr = t.lr * recipe.adapter.lr_scale
         no_decay = name.endswith("bias") or "norm" in name.lower() or "lora_E" in name
         groups.setdefault((lr, 0.0 if no_decay else t.weight_decay), []).append(p)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])

@@ -69,7 +69,7 @@ def test_lora_and_adalora_sections_have_their_own_defaults():
     ada = build_recipe(recipe(adapter={"method": "adalora"})).adapter
     assert isinstance(lora, LoraSection) and (lora.r, lora.lora_alpha, lora.target_modules) == (8, 16.0, "all-linear")
     assert isinstance(ada, AdaLoraSection)
-    assert (ada.init_r, ada.target_r, ada.lora_alpha, ada.warmup, ada.final) == (12, 8, 32.0, 0.1, 0.3)
+    assert (ada.init_r, ada.target_r, ada.lora_alpha, ada.lr_scale, ada.warmup, ada.final) == (12, 8, 128.0, 2.0, 0.1, 0.3)
 
 
 def test_to_dict_round_trips():
@@ -214,9 +214,11 @@ def test_target_modules_is_all_linear_or_a_list(targets, expected):
 
 def test_adalora_target_r_must_not_exceed_init_r():
     assert only_problem(recipe(adapter={"method": "adalora", "init_r": 4, "target_r": 6})) == (
-        "adapter.target_r: 6 must be <= init_r (4); lower target_r or raise init_r"
+        "adapter.target_r: 6 must be < init_r (4), or AdaLoRA has nothing to prune; lower target_r, raise init_r, or use method: lora"
     )
-    assert build_recipe(recipe(adapter={"method": "adalora", "init_r": 6, "target_r": 6})).adapter.target_r == 6
+    assert build_recipe(recipe(adapter={"method": "adalora", "init_r": 7, "target_r": 6})).adapter.target_r == 6
+    with pytest.raises(RecipeError, match="must be < init_r"):  # equal ranks leave nothing to prune
+        build_recipe(recipe(adapter={"method": "adalora", "init_r": 6, "target_r": 6}))
 
 
 @pytest.mark.parametrize(
@@ -253,7 +255,7 @@ def test_adalora_budget_and_phase_problems_come_together():
     problems = problems_of(recipe(adapter={"method": "adalora", "init_r": 2, "target_r": 3, "warmup": 0.6,
                                            "final": 0.6}))
     assert problems == [
-        "adapter.target_r: 3 must be <= init_r (2); lower target_r or raise init_r",
+        "adapter.target_r: 3 must be < init_r (2), or AdaLoRA has nothing to prune; lower target_r, raise init_r, or use method: lora",
         "adapter.warmup: warmup + final (0.6 + 0.6) leaves no room for pruning; keep the sum below 1",
     ]
 
@@ -385,7 +387,7 @@ def test_child_with_another_adapter_method_replaces_the_parent_adapter(tmp_path:
     r = load_recipe(child)  # the parent's `r` would be an unknown key under adalora if it were merged in
     assert isinstance(r.adapter, AdaLoraSection)
     assert (r.adapter.init_r, r.adapter.target_r) == (6, 2)
-    assert r.adapter.target_modules == "all-linear" and r.adapter.lora_alpha == 32.0  # adalora's defaults
+    assert r.adapter.target_modules == "all-linear" and r.adapter.lora_alpha == 128.0  # adalora's defaults
 
 
 def test_child_with_another_task_type_replaces_the_parent_task(tmp_path: Path):
