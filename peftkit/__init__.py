@@ -18,4 +18,22 @@ def train(recipe: "Recipe | str", overrides: tuple[str, ...] = (), **kwargs):  #
     return run(recipe, **kwargs)
 
 
-__all__ = ["PeftkitError", "RecipeError", "Recipe", "load_recipe", "train", "__version__"]
+_LAZY = {
+    "Registry": ("peftkit.registry", "Registry"),
+    "load_trained": ("peftkit.loading", "load_trained"),
+    "to_lora": ("peftkit.convert", "to_lora"),
+    "rank_report": ("peftkit.rank_report", "report"),
+}
+
+
+def __getattr__(name: str):  # PEP 562: the heavier parts of the API import on first use
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module), attribute)
+    raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
+
+
+__all__ = ["PeftkitError", "RecipeError", "Recipe", "load_recipe", "train", "Registry", "load_trained", "to_lora",
+           "rank_report", "__version__"]

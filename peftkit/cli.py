@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Any, Callable
 
 import click
@@ -36,6 +37,8 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 def main() -> None:
     """LoRA and AdaLoRA fine-tuning on frozen 4/8-bit bases, driven by YAML recipes."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # deprecation notices raised inside transformers/peft about their own internals: nothing a user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is_gradient_checkpointing")
 
 
 @main.command()
@@ -123,14 +126,21 @@ def adalora() -> None:
 @click.argument("source")
 @click.option("--name", required=True, help="Name of the LoRA adapter to register.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing adapter of that name.")
+@click.option("--check", default=64, show_default=True, metavar="N",
+              help="Compare both adapters' outputs on N eval rows (0: skip).")
 @_registry_option
 @_friendly
-def adalora_to_lora(source: str, name: str, overwrite: bool, registry: str) -> None:
+def adalora_to_lora(source: str, name: str, overwrite: bool, check: int, registry: str) -> None:
     """Convert AdaLoRA adapter SOURCE into an exact plain-LoRA adapter NAME with per-module ranks."""
-    from .convert import to_lora
+    from .convert import measure_conversion, to_lora
     from .inspect import conversion_summary
     from .registry import Registry
 
     reg = Registry(registry)
     to_lora(reg, source, name, overwrite=overwrite, warn=lambda m: click.echo(f"Warning: {m}", err=True))
     click.echo(conversion_summary(reg, source, name))
+    if check > 0:
+        m = measure_conversion(reg, source, name, check)
+        click.echo(f"outputs on {m['rows']} eval rows: max difference {m['max_abs_diff']:.2e} "
+                   f"({m['max_rel_diff']:.2e} of the largest output), same prediction on "
+                   f"{100 * m['same_argmax']:.1f}% of rows")

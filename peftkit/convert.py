@@ -133,3 +133,25 @@ def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
         seal(folder, metadata)
     return target
+
+
+def measure_conversion(registry: Registry, source: str, name: str, n_rows: int = 64) -> dict[str, float]:
+    """Largest difference between the two adapters' outputs on ``n_rows`` of the source's eval data."""
+    from .data import encode, load_task_data
+    from .loading import load_trained
+
+    before, after = load_trained(registry.folder(source)), load_trained(registry.folder(name))
+    raw = load_task_data(before.recipe.data, before.task, before.recipe.train.seed)
+    rows = encode(raw.eval.select(range(min(n_rows, len(raw.eval)))), before.task, before.tokenizer,
+                  before.recipe.data.max_length)
+    batch = before.task.collate([rows[i] for i in range(len(rows))], before.tokenizer)
+    inputs = {k: v.to(before.model.device) for k, v in before.task.model_inputs(batch).items()}
+    with torch.no_grad():
+        expected = before.model(**inputs).logits.float()
+        got = after.model(**inputs).logits.float()
+    return {
+        "rows": len(rows),
+        "max_abs_diff": float((got - expected).abs().max()),
+        "max_rel_diff": float((got - expected).abs().max() / expected.abs().max().clamp(min=1e-12)),
+        "same_argmax": float((got.argmax(-1) == expected.argmax(-1)).float().mean()),
+    }

@@ -86,4 +86,4 @@ def conversion_summary(registry: Registry, source: str, name: str) -> str:
     return (f"registered {name}: plain LoRA, {len(ranks)} modules, ranks {min(ranks.values())}-"
             f"{max(ranks.values())} ({sum(ranks.values())} in all)"
             + (f", {len(dropped)} modules pruned to rank 0 left out" if dropped else "")
-            + f"; weights {_size(dst_bytes)} (AdaLoRA file {_size(src_bytes)})")
+            + f"; weights {dst_bytes:,} bytes (AdaLoRA file {src_bytes:,} bytes)")

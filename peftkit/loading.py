@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,9 @@ def load_trained(folder: str | Path, device: str = "auto", check_base: bool = Tr
         from peft import PeftModel
 
         model = load_base_for_task(recipe, task, base, tokenizer, torch_device)
-        model = PeftModel.from_pretrained(model, folder, adapter_name="default")
+        with warnings.catch_warnings():
+            # peft matches AdaLoRA's saved rank_pattern against LoRA-style keys and warns; AdaLoRA applies it
+            warnings.filterwarnings("ignore", message=r"The following rank_pattern keys did not match")
+            model = PeftModel.from_pretrained(model, folder, adapter_name="default")
     model.eval()
     return LoadedAdapter(folder, metadata, recipe, task, tokenizer, model)
