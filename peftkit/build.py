@@ -6,7 +6,7 @@ run before the base model is loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .adalora import orthogonal_init, resolve_schedule
@@ -46,6 +46,13 @@ def plan_run(recipe: Recipe, num_processes: int = 1) -> Plan:
     t = recipe.train
     steps = total_steps(len(train_rows), t.batch_size, t.grad_accum, t.epochs, t.max_steps, num_processes)
     schedule = resolve_schedule(recipe.adapter, steps) if isinstance(recipe.adapter, AdaLoraSection) else None
+    if getattr(recipe.adapter, "init_from", None):  # fail before the model loads
+        from .registry import Registry
+
+        try:
+            Registry(recipe.output.registry).folder(recipe.adapter.init_from)
+        except PeftkitError as exc:
+            raise PeftkitError(f"adapter.init_from: {exc}") from None
     return Plan(recipe, task, base, tokenizer, raw, train_rows, eval_rows, steps, schedule,
                 learned_rank_pattern(recipe))
 
@@ -79,6 +86,7 @@ class BuiltModel:
     total: int
     targets: list[str]
     head_modules: list[str]
+    provenance: dict[str, Any] = field(default_factory=dict)  # where the adapter's start came from
 
 
 def load_base_for_task(recipe: Recipe, task: TaskHead, base: BaseRef, tokenizer: Any, device: Any) -> Any:
@@ -115,5 +123,12 @@ def build_model(plan: Plan, device: Any) -> BuiltModel:
                    gradient_checkpointing=recipe.train.gradient_checkpointing)
     if isinstance(recipe.adapter, AdaLoraSection) and recipe.adapter.orthogonal_init:
         orthogonal_init(model)
+    provenance: dict[str, Any] = {}
+    if recipe.adapter.init_from:
+        from .transfer import initialise_from
+
+        provenance = initialise_from(model, recipe, plan.task, heads)
+    if plan.rank_pattern:
+        provenance["rank_pattern_from"] = recipe.adapter.rank_pattern_from
     trainable, total = count_parameters(model)
-    return BuiltModel(model, base_bytes, trainable, total, targets, heads)
+    return BuiltModel(model, base_bytes, trainable, total, targets, heads, provenance)

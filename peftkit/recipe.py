@@ -99,6 +99,10 @@ class LoraSection(Section):
     layers: Optional[list[int]] = Field(None, description="indices of the layers to adapt; default all")
     use_rslora: bool = False
     use_dora: bool = False
+    init_from: Optional[str] = Field(None, description="a registered adapter whose weights start this one (transfer)")
+    init_head: Literal["auto", "keep", "reinit"] = Field(
+        "auto", description="with init_from: keep its task head, start a new one, or keep it when the labels match"
+    )
     rank_pattern_from: Optional[str] = Field(
         None, description="a registered AdaLoRA adapter (or its LoRA conversion) whose per-module ranks to reuse"
     )
@@ -119,6 +123,10 @@ class AdaLoraSection(Section):
     target_modules: TargetModules = "all-linear"
     layers: Optional[list[int]] = None
     lr_scale: float = Field(2.0, gt=0, description="the adapter's learning rate as a multiple of train.lr")
+    init_from: Optional[str] = Field(None, description="a registered adapter whose weights start this one (transfer)")
+    init_head: Literal["auto", "keep", "reinit"] = Field(
+        "auto", description="with init_from: keep its task head, start a new one, or keep it when the labels match"
+    )
     warmup: PhaseLength = Field(0.1, description="steps (int) or fraction (float) before pruning starts")
     final: PhaseLength = Field(0.3, description="steps or fraction at the end with ranks fixed")
     interval: int = Field(1, ge=1, description="optimizer steps between two reallocations")

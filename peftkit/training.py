@@ -334,7 +334,7 @@ def _metadata(recipe: Recipe, plan: Plan, built: BuiltModel, model: Any, driver:
             "num_processes": world,
         },
         recipe=recipe.to_dict(),
-        provenance={"rank_pattern_from": plan.recipe.adapter.rank_pattern_from} if plan.rank_pattern else {},
+        provenance=built.provenance,
     )
 
 

@@ -1,0 +1,67 @@
+"""Start a new task's adapter from a registered one (``adapter.init_from``): its adapter weights, and its task
+head when the new task can use it. The lineage is recorded in the new adapter's ``provenance``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import PeftkitError
+from .recipe import Recipe
+from .registry import Registry
+from .tasks import TaskHead
+
+
+def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: list[str]) -> dict[str, Any]:
+    """Copy the weights of ``recipe.adapter.init_from`` into ``model``; return the provenance to record."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .loading import verify_files
+
+    source = recipe.adapter.init_from
+    key = "adapter.init_from"
+    try:
+        entry = Registry(recipe.output.registry).get(source)
+    except PeftkitError as exc:
+        raise PeftkitError(f"{key}: {exc}") from None
+    verify_files(entry.folder, entry.metadata)
+    if entry.metadata["adapter"]["method"] != recipe.adapter.method:
+        raise PeftkitError(
+            f"{key}: {source} is a {entry.metadata['adapter']['method']} adapter and this recipe trains "
+            f"{recipe.adapter.method}; use the same adapter.method (an AdaLoRA adapter can become LoRA with "
+            "`peftkit adalora to-lora`)"
+        )
+    weights = load_file(str(entry.folder / "adapter_model.safetensors"))
+    head = _head_decision(recipe.adapter.init_head, entry.metadata, task, source)
+    if head == "reinit":  # peft loads the head with the adapter: hand it this model's fresh head instead
+        weights = {k: v for k, v in weights.items() if not any(f".{h}." in k for h in head_modules)}
+        for name, p in model.named_parameters():
+            if ".modules_to_save.default." in name:
+                weights[name.replace(".modules_to_save.default", "")] = p.detach().clone()
+    expected = {n.replace(".default", ""): p.shape for n, p in model.named_parameters()}
+    for name, tensor in weights.items():
+        if name in expected and tuple(expected[name]) != tuple(tensor.shape):
+            raise PeftkitError(
+                f"{key}: {source}'s {name} has shape {tuple(tensor.shape)}, this adapter's is "
+                f"{tuple(expected[name])}; use the same rank and target modules as {source}"
+            )
+    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise PeftkitError(f"{key}: {source} adapts modules this model does not have ({unexpected[0]}); "
+                           "it was trained on another architecture")
+    return {"init_from": source, "head": "kept" if head == "keep" else "reinitialised",
+            "parent_created": entry.metadata.get("created"), "parent_files": entry.metadata.get("files", {})}
+
+
+def _head_decision(choice: str, parent: dict[str, Any], task: TaskHead, source: str) -> str:
+    same = parent["task"]["type"] == task.name and parent["task"].get("state", {}).get("labels") == task.state.get("labels")
+    if choice == "keep" and not same:
+        raise PeftkitError(
+            f"adapter.init_head: keep needs the same task and labels as {source} "
+            f"({parent['task'].get('state', {}).get('labels')} there, {task.state.get('labels')} here); "
+            "set adapter.init_head: reinit"
+        )
+    if choice == "auto":
+        return "keep" if same else "reinit"
+    return choice
