@@ -144,3 +144,32 @@ def adalora_to_lora(source: str, name: str, overwrite: bool, check: int, registr
         click.echo(f"outputs on {m['rows']} eval rows: max difference {m['max_abs_diff']:.2e} "
                    f"({m['max_rel_diff']:.2e} of the largest output), same prediction on "
                    f"{100 * m['same_argmax']:.1f}% of rows")
+
+
+@main.command("eval")
+@click.argument("name")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="A labelled data file.")
+@click.option("--group-by", default=None, metavar="COLUMN", help="Also report the metrics per value of COLUMN.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_registry_option
+@_friendly
+def eval_command(name: str, data_file: str, group_by: str | None, as_json: bool, registry: str) -> None:
+    """Evaluate adapter NAME on a labelled file with its task's metrics."""
+    import json
+
+    from .evaluation import evaluate_file
+    from .loading import load_trained
+    from .registry import Registry
+
+    loaded = load_trained(Registry(registry).folder(name))
+    result = evaluate_file(loaded, data_file, group_by)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    show = lambda m: ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "rows")  # noqa: E731
+    click.echo(f"{name} on {data_file} ({result['rows']} rows): {show(result['metrics'])}")
+    for group, metrics in result.get("groups", {}).items():
+        click.echo(f"  {group_by}={group} ({metrics['rows']} rows): {show(metrics)}")
+    if "largest_gap" in result:
+        gap = result["largest_gap"]
+        click.echo(f"largest gap in {gap['metric']} between groups: {gap['value']:.4f}")

@@ -26,6 +26,7 @@ from .build import BuiltModel, Plan, build_model, plan_run
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import eval_batches, plan_batches, steps_per_epoch
 from .errors import PeftkitError
+from .evaluation import collect
 from .models import describe_quantization, fingerprint, pick_device
 from .rank_report import HEATMAP_FILE, save_heatmap
 from .recipe import AdaLoraSection, Recipe
@@ -101,25 +102,14 @@ class Evaluator:
         self.plan, self.device, self.rank, self.world = plan, device, rank, world
         self.batches = eval_batches(len(plan.eval_rows), batch_size)[rank::world]
 
-    @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        task, rows = self.plan.task, self.plan.eval_rows
-        was_training = model.training
-        model.eval()
-        parts: dict[str, list[torch.Tensor]] = {}
-        for idx in self.batches:
-            batch = _to_device(task.collate([rows[i] for i in idx], self.plan.tokenizer), self.device)
-            outputs = model(**task.model_inputs(batch))
-            for key, value in task.eval_batch(outputs, batch).items():
-                parts.setdefault(key, []).append(value.detach().cpu())
-        if was_training:
-            model.train()
-        collected = {k: torch.cat(v) for k, v in parts.items()}
+        collected = collect(model, self.plan.task, self.plan.tokenizer, self.plan.eval_rows, self.batches,
+                            self.device)
         if self.world > 1:
             gathered: list[Any] = [None] * self.world
             torch.distributed.all_gather_object(gathered, collected)
             collected = {k: torch.cat([g[k] for g in gathered if k in g]) for k in collected}
-        return task.metrics(collected)
+        return self.plan.task.metrics(collected)
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:

@@ -1,0 +1,65 @@
+"""Evaluation: a task's metrics over encoded rows, during training or on any labelled file later.
+
+``peftkit eval NAME --data FILE --group-by COLUMN`` also gives the metrics per group and the largest gap
+between groups in the task's key metric: a quick check that a model treats groups alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .data import eval_batches, load_rows
+from .errors import PeftkitError
+
+
+@torch.no_grad()
+def collect(model: torch.nn.Module, task: Any, tokenizer: Any, rows: Any, batches: list[list[int]],
+            device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-row eval tensors (``task.eval_batch``) over ``batches`` of ``rows``, concatenated, on the CPU."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    for idx in batches:
+        batch = {k: v.to(device) for k, v in task.collate([rows[i] for i in idx], tokenizer).items()}
+        outputs = model(**task.model_inputs(batch))
+        for key, value in task.eval_batch(outputs, batch).items():
+            parts.setdefault(key, []).append(value.detach().cpu())
+    if was_training:
+        model.train()
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def evaluate_file(loaded: Any, path: str, group_by: Optional[str] = None, batch_size: int = 32) -> dict[str, Any]:
+    """The adapter's task metrics on a labelled file (read with the adapter's recipe settings)."""
+    from .data import encode, _to_roles
+
+    recipe, task = loaded.recipe, loaded.task
+    rows = load_rows(path, recipe.data, "--data", recipe.data.split)
+    columns = task.resolve_columns(rows.column_names, recipe.data.columns, path)
+    groups = None
+    if group_by is not None:
+        if group_by not in rows.column_names:
+            raise PeftkitError(f"--group-by: {path} has no column {group_by!r} (its columns: "
+                               f"{', '.join(rows.column_names)})")
+        groups = [str(g) for g in rows[group_by]]
+    role_rows = _to_roles(rows, columns)
+    task.fit(None, role_rows, path)
+    encoded = encode(role_rows, task, loaded.tokenizer, recipe.data.max_length)
+    if groups is not None and len(encoded) != len(groups):
+        raise PeftkitError(f"--group-by: this task turns rows into {len(encoded)} examples from {len(groups)} rows "
+                           "(packing or skipped rows), so rows cannot be grouped; use an unpacked format")
+    collected = collect(loaded.model, task, loaded.tokenizer, encoded, eval_batches(len(encoded), batch_size),
+                        loaded.model.device)
+    result: dict[str, Any] = {"rows": len(encoded), "metrics": task.metrics(collected)}
+    if groups is not None:
+        per_group = {}
+        for name in sorted(set(groups)):
+            index = torch.tensor([i for i, g in enumerate(groups) if g == name])
+            per_group[name] = {"rows": len(index), **task.metrics({k: v[index] for k, v in collected.items()})}
+        metric = task.key_metric[0]
+        values = [m[metric] for m in per_group.values()]
+        result["groups"] = per_group
+        result["largest_gap"] = {"metric": metric, "value": max(values) - min(values)}
+    return result
