@@ -87,3 +87,21 @@ def test_resume_continues_a_killed_run_exactly(recipe_for, monkeypatch):
     a, b = uninterrupted.metadata["adapter"]["adalora"], resumed.metadata["adapter"]["adalora"]
     assert a["final_ranks"] == b["final_ranks"] and b["reallocations"] == 12
     assert b["budget_history"] == a["budget_history"]
+
+
+def test_resume_with_a_changed_recipe_is_refused(recipe_for, tmp_path):
+    data = recipe_for(train={"max_steps": 6, "save_every": 2, "eval_at_start": False})
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    runner = CliRunner()
+    assert runner.invoke(main, ["train", str(recipe), "--set", "train.max_steps=4"]).exit_code == 0
+    (tmp_path / "adapters" / "tiny").rename(tmp_path / "finished")  # as if the run had been killed
+    result = runner.invoke(main, ["train", str(recipe), "--resume", "--set", "train.batch_size=8"])
+    assert result.exit_code != 0
+    checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / "step-2"
+    assert result.output.strip() == (
+        f"Error: --resume: train.batch_size was 16 when {checkpoint} was written and is 8 now; resume with the "
+        "original value, or start over with --overwrite")
+    ok = runner.invoke(main, ["train", str(recipe), "--resume", "--set", "train.max_steps=4",
+                              "--set", "train.eval_every=1"])
+    assert ok.exit_code == 0, ok.output
+    assert "resumed from" in ok.output and "step-2" in ok.output
