@@ -12,12 +12,15 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from .artifacts import staged_folder
 from .errors import PeftkitError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 STATE_FILE = "trainer_state.json"
 
@@ -106,3 +109,33 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+# Fields that may change between a run and its resumption: they do not change what is computed.
+_FREE_ON_RESUME = {"train": {"progress", "eval_every", "log_every", "save_every", "keep_checkpoints", "eval_batch_size",
+                             "eval_at_start", "device"}, "output": {"registry"}}
+
+
+def resume_relevant(recipe: "Recipe") -> dict[str, Any]:
+    data = recipe.to_dict()
+    for section, keys in _FREE_ON_RESUME.items():
+        for key in keys:
+            data.get(section, {}).pop(key, None)
+    return data
+
+
+def check_same_run(saved: Optional[dict[str, Any]], current: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint with a recipe that would compute something else."""
+    if saved is None:
+        return
+    for section in sorted(set(saved) | set(current)):
+        before, now = saved.get(section) or {}, current.get(section) or {}
+        if not isinstance(before, dict) or not isinstance(now, dict):
+            before, now = {"": before}, {"": now}
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                where = f"{section}.{key}".rstrip(".")
+                raise PeftkitError(
+                    f"--resume: {where} was {before.get(key)!r} when {checkpoint} was written and is "
+                    f"{now.get(key)!r} now; resume with the original value, or start over with --overwrite"
+                )

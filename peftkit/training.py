@@ -24,7 +24,8 @@ import torch
 from . import adalora
 from .artifacts import build_metadata, seal, staged_folder
 from .build import BuiltModel, Plan, build_model, plan_run
-from .checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (STATE_FILE, check_same_run, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         resume_relevant, save_checkpoint)
 from .data import eval_batches, plan_batches, steps_per_epoch
 from .errors import PeftkitError
 from .evaluation import collect
@@ -66,7 +67,7 @@ def check_destination(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Pa
             saved = json.loads((checkpoints[-1] / STATE_FILE).read_text()).get("recipe")
         except (OSError, ValueError):
             saved = None  # an unreadable checkpoint is reported when it is loaded
-        _check_same_run(saved, _resume_relevant(recipe), checkpoints[-1])
+        check_same_run(saved, resume_relevant(recipe), checkpoints[-1])
     if checkpoints and not resume and not overwrite:
         raise PeftkitError(
             f"{run_dir} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to "
@@ -160,7 +161,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     unwrapped = accelerator.unwrap_model(model)
 
     progress = {"step": 0, "epoch": 0, "group": 0, "history": [], "train_seconds": 0.0,
-                "recipe": _resume_relevant(recipe)}
+                "recipe": resume_relevant(recipe)}
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         assert checkpoint is not None
@@ -272,36 +273,6 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
         say(f"saved {target} in {seconds:.0f} s of training: {_format_metrics(metrics)}")
     accelerator.wait_for_everyone()
     return TrainResult(result_dir, metrics, metadata, unwrapped)
-
-
-# Fields that may change between a run and its resumption: they do not change what is computed.
-_FREE_ON_RESUME = {"train": {"progress", "eval_every", "log_every", "save_every", "keep_checkpoints", "eval_batch_size",
-                             "eval_at_start", "device"}, "output": {"registry"}}
-
-
-def _resume_relevant(recipe: Recipe) -> dict[str, Any]:
-    data = recipe.to_dict()
-    for section, keys in _FREE_ON_RESUME.items():
-        for key in keys:
-            data.get(section, {}).pop(key, None)
-    return data
-
-
-def _check_same_run(saved: Optional[dict[str, Any]], current: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint with a recipe that would compute something else."""
-    if saved is None:
-        return
-    for section in sorted(set(saved) | set(current)):
-        before, now = saved.get(section) or {}, current.get(section) or {}
-        if not isinstance(before, dict) or not isinstance(now, dict):
-            before, now = {"": before}, {"": now}
-        for key in sorted(set(before) | set(now)):
-            if before.get(key) != now.get(key):
-                where = f"{section}.{key}".rstrip(".")
-                raise PeftkitError(
-                    f"--resume: {where} was {before.get(key)!r} when {checkpoint} was written and is "
-                    f"{now.get(key)!r} now; resume with the original value, or start over with --overwrite"
-                )
 
 
 def _resumable(progress: dict[str, Any], groups: list) -> dict[str, Any]:
