@@ -59,10 +59,11 @@ def describe_error(error: dict[str, Any]) -> list[str]:
         hint = ""
         if cls is not None:
             close = difflib.get_close_matches(key, list(cls.model_fields), n=1, cutoff=0.6)
-            if close:
+            belongs = _where_key_belongs(key) if loc[0] == "adapter" else "remove it"
+            if belongs != "remove it":  # a real option of the other method beats a look-alike of this one
+                hint = f"; {belongs}"
+            elif close:
                 hint = f"; did you mean `{close[0]}`?"
-            elif loc[0] == "adapter":
-                hint = f"; {_where_key_belongs(key)}"
         return [f"{path}: unknown key{hint or '; remove it'}"]
     if kind == "union_tag_invalid":
         path = ".".join(loc)
