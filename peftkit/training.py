@@ -207,7 +207,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
             if t.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
             if driver is not None and recipe.adapter.orth_reg_weight > 0:
-                # after the clip, so the regularizer cannot crowd the task gradient out (see adalora.py)
+                # after the clip, so the clip measures the task gradient alone (see adalora.py)
                 with accelerator.no_sync(model) if world > 1 else contextlib.nullcontext():
                     (recipe.adapter.orth_reg_weight * adalora.orthogonal_regularization(unwrapped)).backward()
             optimizer.step()
