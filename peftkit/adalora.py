@@ -15,7 +15,11 @@ are ``benchmarks/baseline_hf.py``, 4,000 rows, one epoch, lr 5e-4, the same 37 m
   not the cause (50.9 % without clipping too); the regularizer is: with ``orth_reg_weight`` 0 the same run
   reaches 78.0 %. At that init ``||A A^T - I||`` is about sqrt(r) per matrix, so the regularizer's gradient
   dominates A and B for the whole run, and the eval loss stays at ln 2 (peftkit's own loop with peft's init and
-  weight 0.5 stays at chance as well).
+  weight 0.5 stays at chance as well). Why that is fatal here: MiniLM's pooled output hardly varies between
+  sentences (std 0.035 across a batch; sentence-transformers never trained its pooler), so the head cannot
+  separate the classes until the adapters reshape the features. Adam normalizes each parameter's step, so A and
+  B follow the regularizer's direction, not the task's, while lambda (from zero) stays near 0.02 after 60
+  steps: the features, and the logits (about 0.05), barely move.
 * An AdaLoRA update is a product of three factors, one of them a scalar per rank: under Adam, which moves
   every parameter by about the learning rate, lambda grows more slowly than a LoRA ``B`` column.
 
