@@ -204,8 +204,13 @@ class TrainSection(Section):
     progress: bool = True
 
 
+def _name_as_text(value: Any) -> Any:
+    # `--set output.name=2024` and `name: 2024` arrive as YAML integers; a name is text
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class OutputSection(Section):
-    name: str = Field(description="the adapter's name in the registry")
+    name: Annotated[str, BeforeValidator(_name_as_text)] = Field(description="the adapter's name in the registry")
     registry: str = Field("adapters", description="registry root; trained adapters land in <registry>/<name>/")
     runs: str = Field("runs", description="where checkpoints and TensorBoard logs go: <runs>/<name>/")
 

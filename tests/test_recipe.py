@@ -528,3 +528,7 @@ def test_every_recipe_opens_with_a_comment_whose_commands_name_real_recipes(path
         header.append(line)
     for named in re.findall(r"peftkit (?:train|validate) (\S+)", "\n".join(header)):
         assert (REPO / named).is_file(), f"{path}: its comment launches {named}, which does not exist"
+
+
+def test_a_numeric_adapter_name_is_text():
+    assert build_recipe(recipe(output={"name": 2024})).output.name == "2024"
