@@ -89,7 +89,7 @@ def adapters() -> None:
 @_friendly
 def adapters_list(registry: str) -> None:
     """One line per adapter: name, task, base, method, rank, size, key metric, created."""
-    from .inspect import listing
+    from .views import listing
 
     click.echo(listing(registry))
 
@@ -100,7 +100,7 @@ def adapters_list(registry: str) -> None:
 @_friendly
 def adapters_show(name: str, registry: str) -> None:
     """Everything in NAME's metadata, whether its files check out, and AdaLoRA's rank report."""
-    from .inspect import describe
+    from .views import describe
 
     click.echo(describe(registry, name))
 
@@ -133,7 +133,7 @@ def adalora() -> None:
 def adalora_to_lora(source: str, name: str, overwrite: bool, check: int, registry: str) -> None:
     """Convert AdaLoRA adapter SOURCE into an exact plain-LoRA adapter NAME with per-module ranks."""
     from .convert import measure_conversion, to_lora
-    from .inspect import conversion_summary
+    from .views import conversion_summary
     from .registry import Registry
 
     reg = Registry(registry)
