@@ -12,7 +12,7 @@ from typing import Any, Optional
 from .adalora import orthogonal_init, resolve_schedule
 from .adapters import (count_parameters, inject, peft_config, present_head_modules, resolve_module_paths,
                        resolve_target_modules)
-from .data import RawData, encode, load_task_data, total_steps
+from .data import encode, load_task_data, total_steps
 from .errors import PeftkitError
 from .models import BaseRef, load_pretrained, load_tokenizer, memory_footprint, resolve_base
 from .quantized import freeze_quantized_layers
@@ -28,7 +28,6 @@ class Plan:
     task: TaskHead
     base: BaseRef
     tokenizer: Any
-    raw: RawData
     train_rows: Any  # encoded datasets.Dataset
     eval_rows: Any
     total_steps: int
@@ -53,7 +52,7 @@ def plan_run(recipe: Recipe, num_processes: int = 1) -> Plan:
             Registry(recipe.output.registry).folder(recipe.adapter.init_from)
         except PeftkitError as exc:
             raise PeftkitError(f"adapter.init_from: {exc}") from None
-    return Plan(recipe, task, base, tokenizer, raw, train_rows, eval_rows, steps, schedule,
+    return Plan(recipe, task, base, tokenizer, train_rows, eval_rows, steps, schedule,
                 learned_rank_pattern(recipe))
 
 

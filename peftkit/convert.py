@@ -138,14 +138,15 @@ def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
 def measure_conversion(registry: Registry, source: str, name: str, n_rows: int = 64) -> dict[str, float]:
     """Largest difference between the two adapters' outputs on ``n_rows`` of the source's eval data."""
     from .data import encode, load_task_data
+    from .evaluation import device_batch
     from .loading import load_trained
 
     before, after = load_trained(registry.folder(source)), load_trained(registry.folder(name))
     raw = load_task_data(before.recipe.data, before.task, before.recipe.train.seed)
     rows = encode(raw.eval.select(range(min(n_rows, len(raw.eval)))), before.task, before.tokenizer,
                   before.recipe.data.max_length)
-    batch = before.task.collate([rows[i] for i in range(len(rows))], before.tokenizer)
-    inputs = {k: v.to(before.model.device) for k, v in before.task.model_inputs(batch).items()}
+    batch = device_batch(before.task, before.tokenizer, rows, list(range(len(rows))), before.model.device)
+    inputs = before.task.model_inputs(batch)
     with torch.no_grad():
         expected = before.model(**inputs).logits.float()
         got = after.model(**inputs).logits.float()

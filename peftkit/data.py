@@ -28,8 +28,6 @@ _BUILDERS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".
 class RawData:
     train: Any  # datasets.Dataset with role-named columns
     eval: Any
-    train_source: str
-    eval_source: str
 
 
 def _format_of(path: Path, data: DataSection) -> str:
@@ -206,7 +204,7 @@ def load_task_data(data: DataSection, task: TaskHead, seed: int) -> RawData:
         train = train.shuffle(seed=seed).select(range(data.max_train_samples))
     if data.max_eval_samples and len(eval_) > data.max_eval_samples:
         eval_ = eval_.shuffle(seed=seed).select(range(data.max_eval_samples))
-    return RawData(train, eval_, data.train, eval_source)
+    return RawData(train, eval_)
 
 
 def encode(rows: Any, task: TaskHead, tokenizer: Any, max_length: int) -> Any:

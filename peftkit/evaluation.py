@@ -14,6 +14,11 @@ from .data import eval_batches, load_rows
 from .errors import PeftkitError
 
 
+def device_batch(task: Any, tokenizer: Any, rows: Any, index: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Rows ``index`` of encoded ``rows``, padded by the task and moved to ``device``."""
+    return {k: v.to(device) for k, v in task.collate([rows[i] for i in index], tokenizer).items()}
+
+
 @torch.no_grad()
 def collect(model: torch.nn.Module, task: Any, tokenizer: Any, rows: Any, batches: list[list[int]],
             device: torch.device) -> dict[str, torch.Tensor]:
@@ -22,7 +27,7 @@ def collect(model: torch.nn.Module, task: Any, tokenizer: Any, rows: Any, batche
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     for idx in batches:
-        batch = {k: v.to(device) for k, v in task.collate([rows[i] for i in idx], tokenizer).items()}
+        batch = device_batch(task, tokenizer, rows, idx, device)
         outputs = model(**task.model_inputs(batch))
         for key, value in task.eval_batch(outputs, batch).items():
             parts.setdefault(key, []).append(value.detach().cpu())

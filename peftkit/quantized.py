@@ -58,8 +58,3 @@ def freeze_quantized_layers(model: nn.Module) -> int:
         module._peftkit_frozen = True
         count += 1
     return count
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    types_ = _quantized_linear_types()
-    return bool(types_) and isinstance(module, types_)

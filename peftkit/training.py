@@ -28,7 +28,7 @@ from .checkpoint import (STATE_FILE, check_same_run, latest_checkpoint, list_che
                          resume_relevant, save_checkpoint)
 from .data import eval_batches, plan_batches, steps_per_epoch
 from .errors import PeftkitError
-from .evaluation import collect
+from .evaluation import collect, device_batch
 from .models import describe_quantization, fingerprint, pick_device
 from .rank_report import HEATMAP_FILE, save_heatmap
 from .recipe import AdaLoraSection, Recipe
@@ -97,10 +97,6 @@ def _scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total: int) -> 
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[recipe.train.scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=int(recipe.train.warmup_ratio * total),
                          num_training_steps=total)
-
-
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 class Evaluator:
@@ -195,7 +191,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
         for group_index in range(progress["group"], len(groups)):
             group = groups[group_index]
             for j, idx in enumerate(group):
-                batch = _to_device(plan.task.collate([plan.train_rows[i] for i in idx], plan.tokenizer), device)
+                batch = device_batch(plan.task, plan.tokenizer, plan.train_rows, idx, device)
                 sync = j == len(group) - 1 or world == 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     outputs = model(**plan.task.model_inputs(batch))

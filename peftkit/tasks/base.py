@@ -103,8 +103,3 @@ class TaskHead(ABC):
     @abstractmethod
     def metrics(self, collected: dict[str, "torch.Tensor"]) -> dict[str, float]:
         """The task's metrics from all eval rows' tensors, concatenated."""
-
-    def better(self, new: float, old: Optional[float]) -> bool:
-        if old is None:
-            return True
-        return new > old if self.key_metric[1] == "max" else new < old
