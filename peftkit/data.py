@@ -28,6 +28,7 @@ _BUILDERS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".
 class RawData:
     train: Any  # datasets.Dataset with role-named columns
     eval: Any
+    eval_source: str  # the eval file, or which split of the train file was carved off
 
 
 def _format_of(path: Path, data: DataSection) -> str:
@@ -204,7 +205,7 @@ def load_task_data(data: DataSection, task: TaskHead, seed: int) -> RawData:
         train = train.shuffle(seed=seed).select(range(data.max_train_samples))
     if data.max_eval_samples and len(eval_) > data.max_eval_samples:
         eval_ = eval_.shuffle(seed=seed).select(range(data.max_eval_samples))
-    return RawData(train, eval_)
+    return RawData(train, eval_, eval_source)
 
 
 def encode(rows: Any, task: TaskHead, tokenizer: Any, max_length: int) -> Any:
