@@ -60,15 +60,46 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                    progress: dict[str, Any], extra: dict[str, Any], keep: int) -> Path:
+# FSDP (version 1) inserts this into parameter names; state dicts and the unwrapped model do not have it
+_FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+def _full_state_dict_type(model: torch.nn.Module, rank0_only: bool) -> Any:
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only),
+                                FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only))
+
+
+def training_state(model: torch.nn.Module, unwrapped: torch.nn.Module, optimizer: Any,
+                   sharded: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainable weights and the optimizer state, whole, as one process holds them.
+
+    Under FSDP each process holds a shard: every process must call this (it gathers), and only the main
+    process gets the result (the others get empty dicts), named as in the unwrapped model.
+    """
+    if not sharded:
+        return trainable_state(unwrapped), optimizer.state_dict()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    trainable = {n.replace(_FSDP_PREFIX, "") for n, p in model.named_parameters() if p.requires_grad}
+    with _full_state_dict_type(model, rank0_only=True):
+        weights = {n: t.contiguous() for n, t in model.state_dict().items() if n in trainable}
+        optimizer_state = FSDP.optim_state_dict(model, optimizer)
+    return weights, optimizer_state
+
+
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    scheduler: Any, progress: dict[str, Any], extra: dict[str, Any], keep: int) -> Path:
     from safetensors.torch import save_file
 
     target = checkpoint_dir(run_dir) / f"step-{step}"
     with staged_folder(target, overwrite=True) as folder:
-        save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+        save_file(weights, str(folder / "trainable.safetensors"))
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+            {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state(),
              "extra": extra},
             folder / "training.pt",
         )
@@ -78,8 +109,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     return target
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore a checkpoint in place; return (progress, extra)."""
+def load_checkpoint(path: Path, model: torch.nn.Module, unwrapped: torch.nn.Module, optimizer: Any, scheduler: Any,
+                    sharded: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore a checkpoint in place, on every process; return (progress, extra)."""
     from safetensors.torch import load_file
 
     try:
@@ -90,17 +122,24 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
         raise PeftkitError(
             f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to resume from an earlier one"
         ) from None
-    params = dict(model.named_parameters())
+    params = {n.replace(_FSDP_PREFIX, ""): p for n, p in unwrapped.named_parameters()}
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing or set(weights) - set(params):
         raise PeftkitError(
             f"checkpoint {path} does not match this recipe's model ({len(missing)} trainable tensors missing); "
             "resume with the recipe that started the run"
         )
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor.to(params[name].device))
-    optimizer.load_state_dict(blob["optimizer"])
+    if sharded:  # FSDP scatters the whole tensors to each process's shard
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with _full_state_dict_type(model, rank0_only=False):
+            model.load_state_dict(weights, strict=False)
+            optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, blob["optimizer"]))
+    else:
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor.to(params[name].device))
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return progress, blob.get("extra", {})

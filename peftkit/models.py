@@ -174,7 +174,7 @@ def fingerprint(path: Path) -> str:
 def torch_dtype(name: str) -> "torch.dtype":
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}[name]
 
 
 def bnb_config(quant: QuantizationSection, keep_full_precision: list[str]) -> Any:
@@ -197,6 +197,7 @@ def bnb_config(quant: QuantizationSection, keep_full_precision: list[str]) -> An
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+        bnb_4bit_quant_storage=torch_dtype(quant.quant_storage),
         llm_int8_skip_modules=skip or None,
     )
 

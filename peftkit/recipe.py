@@ -60,6 +60,9 @@ class QuantizationSection(Section):
     double_quant: bool = True
     compute_dtype: Dtype = "float32"
     skip_modules: list[str] = Field(default_factory=list, description="extra modules kept in full precision")
+    # FSDP shards only floating tensors: to shard 4-bit weights, pack them into the base's dtype (QLoRA + FSDP)
+    quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = Field(
+        "uint8", description="dtype the packed 4-bit weights are stored in; a float one lets FSDP shard them")
 
 
 def _target_modules(value: Any) -> Any:
@@ -242,6 +245,13 @@ class Recipe(Section):
                 f"required with quantization.bits: {self.quantization.bits} (a quantized base is frozen and cannot be "
                 "fully fine-tuned); add an adapter section or set quantization.bits: null",
             )])
+        storage = self.quantization.quant_storage
+        if storage != "uint8" and self.quantization.bits != 4:
+            raise SectionProblems([("quantization.quant_storage", "only 4-bit weights have a storage dtype; "
+                                    "remove quant_storage or set quantization.bits: 4")])
+        if storage != "uint8" and storage != self.base.dtype:
+            raise SectionProblems([("quantization.quant_storage", f"{storage} needs base.dtype: {storage} (FSDP "
+                                    "shards each layer as one tensor of one dtype); set base.dtype to the same")])
         return self
 
     @property

@@ -25,11 +25,11 @@ from . import adalora
 from .artifacts import build_metadata, seal, staged_folder
 from .build import BuiltModel, Plan, build_model, plan_run
 from .checkpoint import (STATE_FILE, check_same_run, latest_checkpoint, list_checkpoints, load_checkpoint,
-                         resume_relevant, save_checkpoint)
+                         resume_relevant, save_checkpoint, training_state)
 from .data import eval_batches, plan_batches, steps_per_epoch
 from .errors import PeftkitError
 from .evaluation import collect, device_batch
-from .models import describe_quantization, fingerprint, pick_device
+from .models import describe_quantization, fingerprint, pick_device, torch_dtype
 from .rank_report import HEATMAP_FILE, save_heatmap
 from .recipe import AdaLoraSection, Recipe
 
@@ -100,11 +100,16 @@ def _scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total: int) -> 
 
 
 class Evaluator:
-    """Runs the task's metrics over the eval rows; every process takes a share, results are gathered."""
+    """Runs the task's metrics over the eval rows; every process takes a share, results are gathered.
 
-    def __init__(self, plan: Plan, batch_size: int, device: torch.device, rank: int, world: int):
-        self.plan, self.device, self.rank, self.world = plan, device, rank, world
-        self.batches = eval_batches(len(plan.eval_rows), batch_size)[rank::world]
+    Under FSDP every forward pass is collective, so each process must run as many as the others: there
+    every process evaluates every row.
+    """
+
+    def __init__(self, plan: Plan, batch_size: int, device: torch.device, rank: int, world: int, sharded: bool):
+        self.plan, self.device = plan, device
+        self.rank, self.world = (0, 1) if sharded else (rank, world)
+        self.batches = eval_batches(len(plan.eval_rows), batch_size)[self.rank::self.world]
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         collected = collect(model, self.plan.task, self.plan.tokenizer, self.plan.eval_rows, self.batches,
@@ -134,6 +139,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     accelerator = Accelerator(cpu=device.type == "cpu")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     say = echo if main else (lambda _: None)
+    sharded = _check_launch(accelerator, recipe, say)
     set_seed(t.seed)
 
     plan = plan_run(recipe, world)
@@ -149,19 +155,22 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
         f"{plan.total_steps} optimizer steps" + (f"; AdaLoRA warm-up {plan.schedule[0]}, final {plan.schedule[1]} steps"
                                                   if plan.schedule else ""))
 
-    optimizer = _optimizer(model, recipe, built.head_modules)
-    scheduler = _scheduler(optimizer, recipe, plan.total_steps)
     driver = adalora.AdaLoraDriver.for_model(model, recipe.adapter) if isinstance(recipe.adapter, AdaLoraSection) else None
+    if sharded:
+        _fit_fsdp_plugin(accelerator, model, recipe)
     if world > 1:
         model = accelerator.prepare_model(model, device_placement=False)
     unwrapped = accelerator.unwrap_model(model)
+    # made after wrapping: FSDP replaces the parameters the optimizer must hold (DDP keeps them)
+    optimizer = _optimizer(model, recipe, built.head_modules)
+    scheduler = _scheduler(optimizer, recipe, plan.total_steps)
 
     progress = {"step": 0, "epoch": 0, "group": 0, "history": [], "train_seconds": 0.0,
                 "recipe": resume_relevant(recipe)}
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         assert checkpoint is not None
-        progress, extra = load_checkpoint(checkpoint, unwrapped, optimizer, scheduler)
+        progress, extra = load_checkpoint(checkpoint, model, unwrapped, optimizer, scheduler, sharded)
         if driver is not None and "adalora" in extra:
             driver.load_allocator_state(extra["adalora"])
         say(f"resumed from {checkpoint} at step {progress['step']}")
@@ -169,7 +178,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
     writer = _tensorboard(run_dir) if main else None
-    evaluate = Evaluator(plan, t.eval_batch_size or t.batch_size, device, rank, world)
+    evaluate = Evaluator(plan, t.eval_batch_size or t.batch_size, device, rank, world, sharded)
     lengths = [len(ids) for ids in plan.train_rows["input_ids"]]
     n_batches = len(plan_batches(lengths, t.batch_size, t.seed, 0, t.group_by_length, world))
     per_epoch = steps_per_epoch(n_batches, t.grad_accum, world)
@@ -200,8 +209,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
                 running_loss += float(loss.detach())
                 running_count += 1
                 examples += len(idx)
-            if t.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+            if t.max_grad_norm:  # through accelerate: under FSDP the norm is summed over every process's shard
+                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             if driver is not None and recipe.adapter.orth_reg_weight > 0:
                 # after the clip, so the clip measures the task gradient alone (see adalora.py)
                 with accelerator.no_sync(model) if world > 1 else contextlib.nullcontext():
@@ -236,8 +245,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
             if step < plan.total_steps and ((t.save_every and step % t.save_every == 0) or
                                             (not t.save_every and end_of_epoch)):
                 progress["train_seconds"] = seconds_before + time.perf_counter() - started
+                weights, optimizer_state = training_state(model, unwrapped, optimizer, sharded)  # all processes
                 if main:
-                    save_checkpoint(run_dir, step, unwrapped, optimizer, scheduler, _resumable(progress, groups),
+                    save_checkpoint(run_dir, step, weights, optimizer_state, scheduler, _resumable(progress, groups),
                                     {"adalora": driver.allocator_state()} if driver else {}, t.keep_checkpoints)
                 accelerator.wait_for_everyone()
             if step >= plan.total_steps:
@@ -255,13 +265,15 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
 
     result_dir = target
     metadata: dict[str, Any] = {}
+    # under FSDP the whole state dict is gathered to the main process, and every process must take part
+    saved_state = {"state_dict": accelerator.get_state_dict(model)} if sharded else {}
     if main:
         metadata = _metadata(recipe, plan, built, unwrapped, driver, base_fp, metrics, progress, seconds,
                              examples, per_epoch, world, device)
         with staged_folder(target, overwrite=overwrite) as folder, warnings.catch_warnings():
             # peft flags the zero-size tensors of modules AdaLoRA pruned to rank 0 as unsharded ZeRO-3 leftovers
             warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
-            unwrapped.save_pretrained(folder)
+            unwrapped.save_pretrained(folder, **saved_state)
             if driver is not None:
                 save_heatmap(metadata["adapter"]["adalora"]["final_ranks"], recipe.adapter.init_r,
                              folder / HEATMAP_FILE, f"{recipe.output.name}: AdaLoRA final ranks")
@@ -269,6 +281,51 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
         say(f"saved {target} in {seconds:.0f} s of training: {_format_metrics(metrics)}")
     accelerator.wait_for_everyone()
     return TrainResult(result_dir, metrics, metadata, unwrapped)
+
+
+def _check_launch(accelerator: Any, recipe: Recipe, say: Callable[[str], None]) -> bool:
+    """Whether the launcher asked for FSDP and got it; refuse what peftkit's loop cannot do under FSDP."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    # accelerate's launcher sets MASTER_ADDR when asked for several processes, torchrun sets WORLD_SIZE too
+    if accelerator.num_processes == 1 and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
+        say("note: accelerate started one process: without GPUs, `accelerate launch --num_processes N` needs "
+            "--multi_gpu (or --config_file docs/accelerate/ddp.yaml) to start N CPU processes")
+    if accelerator.distributed_type != DistributedType.FSDP:
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            say("note: accelerate runs FSDP on GPUs only; these CPU processes train data-parallel (DDP)")
+        return False
+    plugin = accelerator.state.fsdp_plugin
+    problems = []
+    if plugin.fsdp_version != 1:
+        problems.append("fsdp_version: peftkit's loop runs FSDP 1 (it makes the optimizer after wrapping); set "
+                        "fsdp_version: 1 in the accelerate config, as docs/accelerate/fsdp-qlora.yaml does")
+    elif not plugin.use_orig_params:
+        problems.append("fsdp_use_orig_params: peftkit gives the head, biases and norms their own learning rate "
+                        "and weight decay by parameter name, which FSDP keeps only with fsdp_use_orig_params: true")
+    if isinstance(recipe.adapter, AdaLoraSection):
+        problems.append("adapter.method: adalora reallocates ranks from whole weights and gradients, which FSDP "
+                        "splits across processes; launch it with docs/accelerate/ddp.yaml, or use lora")
+    quant = recipe.quantization
+    if quant.bits == 8 or (quant.bits == 4 and quant.quant_storage == "uint8"):
+        problems.append("quantization: FSDP shards floating tensors only; use bits: 4 with quant_storage and "
+                        "base.dtype both bfloat16 (or float16 / float32)")
+    if problems:
+        raise PeftkitError("under FSDP: " + "; ".join(problems))
+    return True
+
+
+def _fit_fsdp_plugin(accelerator: Any, model: torch.nn.Module, recipe: Recipe) -> None:
+    """What transformers' Trainer does for peft models under FSDP (peft's docs, "Use PEFT QLoRA and FSDP")."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin
+    # adapter layers wrapped apart from the frozen base, so no flat parameter mixes trainable and frozen ones
+    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+    if recipe.quantization.bits == 4:  # compute in the dtype the 4-bit weights are packed in
+        plugin.set_mixed_precision(torch_dtype(recipe.quantization.quant_storage), override=True)
 
 
 def _resumable(progress: dict[str, Any], groups: list) -> dict[str, Any]:

@@ -8,6 +8,7 @@ must be identical on both ranks after every reallocation.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_recipe, write_recipe
+from tests.conftest import REPO, make_recipe, write_recipe
 
 WORKER = textwrap.dedent('''
     import json, os, sys
@@ -50,7 +51,9 @@ def dropout_free_bert(tiny_dir, tmp_path):
 
 
 def _run(command, cwd):
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    # PYTHONPATH: the workers import this checkout, whatever the editable install points at
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
