@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -89,3 +90,63 @@ def test_killed_two_process_run_resumes_to_the_one_process_result(tiny_dir, tmp_
     assert info["final_budget"] == info["target_budget"] == reference.metadata["adapter"]["adalora"]["final_budget"]
     assert info["final_ranks"] == reference.metadata["adapter"]["adalora"]["final_ranks"]
     assert info["reallocations"] == 8 and [s for s, _ in info["budget_history"]] == list(range(1, 9))
+
+
+def test_4bit_weights_stored_in_bfloat16_compute_what_uint8_storage_computes(tiny_dir, tmp_path):
+    """quant_storage only repacks the 4-bit codes into a dtype FSDP can shard: the model computes the same."""
+    from peftkit.build import build_model, plan_run
+    from peftkit.evaluation import device_batch
+
+    logits = {}
+    for storage in ("uint8", "bfloat16"):
+        data = make_recipe(tiny_dir, tmp_path, quant="4bit", base={"dtype": "bfloat16"})
+        data["quantization"]["quant_storage"] = storage
+        data["base"]["model"] = str(tiny_dir / "bert")
+        plan = plan_run(build_recipe(data), 1)
+        torch.manual_seed(0)  # the same fresh classification head for both
+        model = build_model(plan, torch.device("cpu")).model
+        packed = {p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit"}
+        assert packed == {getattr(torch, storage)}
+        batch = device_batch(plan.task, plan.tokenizer, plan.train_rows, list(range(8)), torch.device("cpu"))
+        with torch.no_grad():
+            logits[storage] = model(**plan.task.model_inputs(batch)).logits
+    torch.testing.assert_close(logits["bfloat16"], logits["uint8"], rtol=0, atol=0)
+
+
+def _fake_accelerator(distributed_type, fsdp_version=1, use_orig_params=True):
+    from types import SimpleNamespace
+
+    plugin = SimpleNamespace(fsdp_version=fsdp_version, use_orig_params=use_orig_params)
+    return SimpleNamespace(distributed_type=distributed_type, num_processes=2, state=SimpleNamespace(fsdp_plugin=plugin))
+
+
+def test_fsdp_refuses_what_the_loop_cannot_shard(tiny_dir, tmp_path, monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from peftkit.errors import PeftkitError
+    from peftkit.training import _check_launch
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    lora_4bit = build_recipe({**make_recipe(tiny_dir, tmp_path, quant="4bit"), "base": {
+        "model": str(tiny_dir / "bert"), "dtype": "bfloat16"}})
+    said = []
+    with pytest.raises(PeftkitError) as refused:
+        _check_launch(_fake_accelerator(DistributedType.FSDP), lora_4bit, said.append)
+    assert str(refused.value) == (
+        "under FSDP: quantization: FSDP shards floating tensors only; use bits: 4 with quant_storage and base.dtype "
+        "both bfloat16 (or float16 / float32)")
+    lora_4bit.quantization.quant_storage = "bfloat16"
+    assert _check_launch(_fake_accelerator(DistributedType.FSDP), lora_4bit, said.append) is True
+    with pytest.raises(PeftkitError, match=r"fsdp_version: peftkit's loop runs FSDP 1"):
+        _check_launch(_fake_accelerator(DistributedType.FSDP, fsdp_version=2), lora_4bit, said.append)
+    with pytest.raises(PeftkitError, match=r"with fsdp_use_orig_params: true$"):
+        _check_launch(_fake_accelerator(DistributedType.FSDP, use_orig_params=False), lora_4bit, said.append)
+    adalora = build_recipe(make_recipe(tiny_dir, tmp_path, adapter="adalora"))
+    with pytest.raises(PeftkitError, match=r"adapter.method: adalora reallocates ranks .* use lora$"):
+        _check_launch(_fake_accelerator(DistributedType.FSDP), adalora, said.append)
+    assert said == []
+
+    # on CPUs accelerate leaves FSDP off and runs DDP; peftkit says so rather than pretend
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert _check_launch(_fake_accelerator(DistributedType.MULTI_CPU), adalora, said.append) is False
+    assert said == ["note: accelerate runs FSDP on GPUs only; these CPU processes train data-parallel (DDP)"]
