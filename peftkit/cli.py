@@ -146,6 +146,88 @@ def adalora_to_lora(source: str, name: str, overwrite: bool, check: int, registr
                    f"{100 * m['same_argmax']:.1f}% of rows")
 
 
+_serve_options = [
+    click.option("--adapter", "adapters_", multiple=True, required=True, metavar="NAME",
+                 help="A registered adapter (repeatable: all share one base); `base` is the base model alone."),
+    click.option("--unquantized", is_flag=True, help="Load the base unquantized (adapters trained on 4/8 bits)."),
+    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
+]
+
+
+def _serve(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_serve_options):
+        fn = option(fn)
+    return fn
+
+
+def _server(registry: str, names: tuple[str, ...], unquantized: bool) -> Any:
+    from .serving import BASE, load_server
+
+    adapters = [n for n in dict.fromkeys(names) if n != BASE]
+    if not adapters:
+        raise click.UsageError("name at least one registered adapter with --adapter")
+    return load_server(registry, adapters, quantized=not unquantized)
+
+
+@main.command()
+@click.argument("texts", nargs=-1)
+@_serve
+@click.option("--input", "input_file", type=click.Path(dir_okay=False),
+              help="Rows to predict (jsonl, json, csv, tsv, parquet, txt); an `adapter` column routes each row.")
+@click.option("--column", "columns", multiple=True, metavar="ROLE=COLUMN", help="e.g. --column text=review")
+@click.option("--output", default=None, type=click.Path(dir_okay=False), help="Write JSON lines here (default stdout).")
+@_registry_option
+@_friendly
+def predict(texts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: bool, batch_size: int,
+            input_file: str | None, columns: tuple[str, ...], output: str | None, registry: str) -> None:
+    """Predict TEXTS (or --input rows) with every --adapter, in mixed batches on one base: JSON lines out."""
+    from .predict_io import parse_columns, read_input, route, write_lines
+
+    if bool(texts) == bool(input_file):
+        raise click.UsageError("give texts on the command line or --input FILE (one of the two)")
+    overrides = parse_columns(columns)
+    server = _server(registry, adapters_, unquantized)
+    names = list(dict.fromkeys(adapters_))
+    if input_file:
+        fields, routed, numbers = route(server, names, read_input(input_file), input_file, overrides)
+    else:
+        fields = [{"text": t} for t in texts for _ in names]
+        routed, numbers = names * len(texts), [i for i in range(len(texts)) for _ in names]
+    predictions = server.predict(fields, routed, batch_size)
+    write_lines([{"row": n, "text": f["text"], **p} for n, f, p in zip(numbers, fields, predictions)], output)
+
+
+@main.command()
+@click.argument("prompts", nargs=-1, required=True)
+@_serve
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0: greedy decoding; above 0: sampling.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: no top-k cut.")
+@click.option("--seed", default=None, type=int, help="Seed for sampling.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@_registry_option
+@_friendly
+def generate(prompts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: bool, batch_size: int,
+             max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None, as_json: bool,
+             registry: str) -> None:
+    """Continue each of PROMPTS with every causal-LM --adapter, in one batch on one base."""
+    import json
+
+    server = _server(registry, adapters_, unquantized)
+    names = list(dict.fromkeys(adapters_))
+    routed = [n for _ in prompts for n in names]
+    asked = [p for p in prompts for _ in names]
+    texts = server.generate(asked, routed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, seed=seed, batch_size=batch_size)
+    for name, prompt, text in zip(routed, asked, texts):
+        if as_json:
+            click.echo(json.dumps({"adapter": name, "prompt": prompt, "text": text}, ensure_ascii=False))
+        else:
+            click.echo(f"[{name}] {prompt}\n{text}\n")
+
+
 @main.command("eval")
 @click.argument("name")
 @click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="A labelled data file.")
@@ -173,3 +255,77 @@ def eval_command(name: str, data_file: str, group_by: str | None, as_json: bool,
     if "largest_gap" in result:
         gap = result["largest_gap"]
         click.echo(f"largest gap in {gap['metric']} between groups: {gap['value']:.4f}")
+
+
+def _folder_size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{n_bytes / 1024:.1f} KiB"
+
+
+@main.command("merge")
+@click.argument("name")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder of the merged model.")
+@click.option("--dtype", default=None, metavar="fp32|bf16|fp16", help="Dtype of the merged weights (default: the base's).")
+@click.option("--quantize", default=None, metavar="nf4|fp4|int8", help="Re-quantize the merged model with bitsandbytes.")
+@click.option("--data", "data_file", default=None, type=click.Path(dir_okay=False),
+              help="Measure the drift on this labelled file (default: the adapter's recipe eval data).")
+@click.option("--rows", default=64, show_default=True, help="Rows the drift is measured on.")
+@click.option("--max-drift", default=None, type=float,
+              help="Refuse to write past this largest logit difference, relative to the largest logit (default 0.25).")
+@click.option("--accept-drift", is_flag=True, help="Write the merged model even past --max-drift.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@_registry_option
+@_friendly
+def merge_command(name: str, out: str, dtype: str | None, quantize: str | None, data_file: str | None, rows: int,
+                  max_drift: float | None, accept_drift: bool, force: bool, registry: str) -> None:
+    """Merge adapter NAME into its base: a plain transformers model folder, with the drift measured."""
+    from .merge import DEFAULT_MAX_DRIFT, merge
+    from .registry import Registry
+
+    result = merge(Registry(registry), name, out, dtype=dtype, quantize=quantize, data_file=data_file, rows=rows,
+                   max_drift=DEFAULT_MAX_DRIFT if max_drift is None else max_drift, accept_drift=accept_drift,
+                   force=force, say=click.echo)
+    click.echo(f"saved {result.folder} ({_folder_size(result.size_bytes)})")
+
+
+@main.command("combine")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--weights", required=True, metavar="W1,W2,...", help="One weight per adapter.")
+@click.option("--method", default="linear", show_default=True, help="peft's combination type (linear, cat, svd, ties, ...).")
+@click.option("--density", default=None, type=float, help="Fraction of entries kept by ties, dare_* and magnitude_prune.")
+@click.option("--svd-rank", default=None, type=int, help="Rank of the svd methods' result (default: the largest).")
+@click.option("--seed", default=0, show_default=True, help="Seed of dare's random pruning.")
+@click.option("--name", "new_name", required=True, help="Name of the adapter to register.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing adapter of that name.")
+@_registry_option
+@_friendly
+def combine_command(names: tuple[str, ...], weights: str, method: str, density: float | None, svd_rank: int | None,
+                    seed: int, new_name: str, overwrite: bool, registry: str) -> None:
+    """Combine registered adapters NAMES into a new registered adapter."""
+    from .combine import combine
+    from .registry import Registry
+
+    try:
+        parsed = [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise click.ClickException(f"--weights: {weights!r} is not a comma-separated list of numbers, e.g. 0.5,0.5") from None
+    folder = combine(Registry(registry), list(names), parsed, method, new_name, density=density, svd_rank=svd_rank,
+                     seed=seed, overwrite=overwrite, say=click.echo)
+    click.echo(f"registered {new_name} in {folder.parent}/ (evaluate it with: peftkit eval {new_name} --data FILE)")
+
+
+@main.command("export")
+@click.argument("name")
+@click.option("--format", "fmt", default="peft", show_default=True, help="Export format.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--check", default=16, show_default=True, metavar="N",
+              help="Run the model card's loading code and compare it with peftkit on N eval rows (0: skip).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@_registry_option
+@_friendly
+def export_command(name: str, fmt: str, out: str, check: int, force: bool, registry: str) -> None:
+    """Export adapter NAME for tools without peftkit (peft format: PeftModel.from_pretrained on the plain base)."""
+    from .export import export
+    from .registry import Registry
+
+    result = export(Registry(registry), name, fmt, out, force=force, check_rows=check, say=click.echo)
+    click.echo(f"saved {result['folder']} ({_folder_size(result['size_bytes'])})")

@@ -71,6 +71,12 @@ class Registry:
         check_adapter_name(name)
         return self.root / name
 
+    def load(self, names: list[str], **options: Any) -> Any:
+        """One base model in memory serving ``names`` (see :func:`peftkit.serving.load_server`)."""
+        from .serving import load_server
+
+        return load_server(self, names, **options)
+
     def remove(self, name: str) -> None:
         folder = self.folder(name)
         trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"

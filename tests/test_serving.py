@@ -178,3 +178,62 @@ def test_corrupt_or_removed_while_loading(registry, tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", read_then_vanish)
     with pytest.raises(PeftkitError, match=r"^adapter 'topics' was removed from .* while it was being loaded"):
         load_server(copy, ["topics"])
+
+
+def _cli(registry: Registry, *args: str):
+    from click.testing import CliRunner
+
+    from peftkit.cli import main
+
+    return CliRunner().invoke(main, [*args, "--registry", str(registry.root)])
+
+
+def test_predict_command_routes_rows_and_writes_json_lines(registry, tmp_path):
+    import json
+
+    rows = [{"sentence": "good film", "adapter": "sentiment"}, {"sentence": "the king", "adapter": "topics"},
+            {"sentence": "the queen", "adapter": "chat"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = _cli(registry, "predict", "--adapter", "sentiment", "--adapter", "topics", "--adapter", "chat",
+                  "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"))
+    assert result.exit_code == 0, result.output
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(o["row"], o["adapter"]) for o in out] == [(0, "sentiment"), (1, "topics"), (2, "chat")]
+    server = load_server(registry, ["sentiment", "topics", "chat"])
+    expected = server.predict(["good film", "the king", "the queen"], ["sentiment", "topics", "chat"])
+    assert [{k: v for k, v in o.items() if k not in ("row", "text")} for o in out] == expected
+
+    # no adapter column: every row through every adapter, texts from the command line too
+    result = _cli(registry, "predict", "--adapter", "sentiment", "--adapter", "topics", "good film", "the king")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [(o["row"], o["adapter"]) for o in lines] == [(0, "sentiment"), (0, "topics"), (1, "sentiment"),
+                                                         (1, "topics")]
+
+
+def test_predict_command_bad_input(registry, tmp_path):
+    (tmp_path / "in.csv").write_text("body,id\ngood film,1\n")
+    result = _cli(registry, "predict", "--adapter", "sentiment", "--input", str(tmp_path / "in.csv"))
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --input: ") and "has no text column for sentiment" in result.output
+    assert "--column text=COLUMN" in result.output and len(result.output.strip().splitlines()) == 1
+    ok = _cli(registry, "predict", "--adapter", "sentiment", "--input", str(tmp_path / "in.csv"), "--column",
+              "text=body")
+    assert ok.exit_code == 0, ok.output
+    missing = _cli(registry, "predict", "--adapter", "sentiment", "--input", str(tmp_path / "nope.csv"))
+    assert missing.output.strip() == f"Error: --input: file {tmp_path / 'nope.csv'} does not exist; check the path"
+    typo = _cli(registry, "predict", "--adapter", "sentimnt", "hello")
+    assert typo.exit_code == 1 and "did you mean sentiment" in typo.output
+
+
+def test_generate_command(registry):
+    result = _cli(registry, "generate", "--adapter", "chat", "--adapter", "base", "say king again",
+                  "--max-new-tokens", "4", "--json")
+    assert result.exit_code == 0, result.output
+    import json
+
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [line["adapter"] for line in lines] == ["chat", "base"]
+    server = load_server(registry, ["chat"])
+    assert [line["text"] for line in lines] == server.generate(["say king again"] * 2, ["chat", "base"],
+                                                               max_new_tokens=4)
