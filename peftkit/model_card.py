@@ -1,0 +1,154 @@
+"""The README.md written with every merge and export: the hub's YAML metadata header, what the folder holds,
+its measured figures, and the exact code that loads it.
+
+The header is rendered by ``huggingface_hub.ModelCardData`` (the hub's own schema) rather than by hand.
+The loading snippet is generated from the same objects peftkit loads with (the ``BitsAndBytesConfig`` of
+:func:`peftkit.models.bnb_config`, the label map saved with the adapter), so it cannot drift from them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+# peft task type -> the hub's pipeline tag
+PIPELINE_TAGS = {"SEQ_CLS": "text-classification", "CAUSAL_LM": "text-generation",
+                 "TOKEN_CLS": "token-classification", "SEQ_2_SEQ_LM": "text2text-generation"}
+
+
+def auto_class_name(peft_task_type: str) -> str:
+    """The transformers auto class for a peft task type, as peft's own AutoPeftModel classes pair them."""
+    import peft.auto as auto
+
+    wanted = auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING[peft_task_type]
+    for candidate in vars(auto).values():
+        if (isinstance(candidate, type) and issubclass(candidate, auto._BaseAutoPeftModel)
+                and candidate._target_peft_class is wanted and candidate._target_class is not None):
+            return candidate._target_class.__name__
+    return "AutoModel"
+
+
+def hub_base_id(metadata: dict[str, Any]) -> str:
+    """The base model as another machine can name it: the hub id of a packaged model, else its identity."""
+    from .models import PACKAGED
+
+    identity = metadata["base"]["identity"]
+    return PACKAGED[identity].hub_id if identity in PACKAGED else identity
+
+
+def label_kwargs(metadata: dict[str, Any]) -> Optional[str]:
+    labels = metadata["task"].get("state", {}).get("labels")
+    if not labels:
+        return None
+    id2label = {i: name for i, name in enumerate(labels)}
+    label2id = {name: i for i, name in enumerate(labels)}
+    return f"num_labels={len(labels)}, id2label={id2label!r}, label2id={label2id!r}"
+
+
+def bnb_config_code(metadata: dict[str, Any]) -> Optional[str]:
+    """``BitsAndBytesConfig(...)`` as Python source, exactly as peftkit built it for training; None when unquantized."""
+    from .models import bnb_config
+    from .recipe import QuantizationSection
+
+    quant = QuantizationSection.model_validate(metadata["base"]["quantization"])
+    config = bnb_config(quant, list(metadata["adapter"].get("head_modules", [])))
+    if config is None:
+        return None
+    if config.load_in_8bit:
+        args = ["load_in_8bit=True"]
+    else:
+        args = ["load_in_4bit=True", f"bnb_4bit_quant_type={config.bnb_4bit_quant_type!r}",
+                f"bnb_4bit_use_double_quant={config.bnb_4bit_use_double_quant}",
+                f"bnb_4bit_compute_dtype=torch.{str(config.bnb_4bit_compute_dtype).removeprefix('torch.')}"]
+    if config.llm_int8_skip_modules:
+        args.append(f"llm_int8_skip_modules={list(config.llm_int8_skip_modules)!r}")
+    return "BitsAndBytesConfig(" + ", ".join(args) + ")"
+
+
+def peft_snippet(metadata: dict[str, Any], folder: str, base: str, task_type: str) -> str:
+    """Plain transformers + peft code that loads an exported adapter on its base."""
+    auto = auto_class_name(task_type)
+    quant = bnb_config_code(metadata)
+    imports = [auto, "AutoTokenizer"] + (["BitsAndBytesConfig"] if quant else [])
+    kwargs = [f"dtype=torch.{metadata['base']['dtype']}"]
+    if label_kwargs(metadata):
+        kwargs.append(label_kwargs(metadata))
+    if quant:
+        kwargs += [f"quantization_config={quant}", 'device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"}']
+    args = ",\n    ".join([repr(base), *kwargs])
+    return (f"import torch\nfrom peft import PeftModel\nfrom transformers import {', '.join(imports)}\n\n"
+            f"base = {auto}.from_pretrained(\n    {args},\n)\n"
+            f"model = PeftModel.from_pretrained(base, {folder!r}).eval()\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({folder!r})\n")
+
+
+def merged_snippet(folder: str, task_type: str, quantized: bool) -> str:
+    auto = auto_class_name(task_type)
+    device = ', device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"}' if quantized else ""
+    return (f"import torch\nfrom transformers import {auto}, AutoTokenizer\n\n"
+            f"model = {auto}.from_pretrained({folder!r}{device}).eval()\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({folder!r})\n")
+
+
+def peft_task_type(metadata: dict[str, Any]) -> str:
+    from .tasks import task_types
+
+    return task_types()[metadata["task"]["type"]].peft_task_type
+
+
+def _data_names(recipe: dict[str, Any]) -> list[str]:
+    data = recipe.get("data", {})
+    return list(dict.fromkeys(str(d) for d in (data.get("train"), data.get("eval")) if d))
+
+
+def _tags(metadata: dict[str, Any], kind: str, quantized_to: Optional[str]) -> list[str]:
+    quant = metadata["base"]["quantization"]
+    tags = ["peftkit", metadata["adapter"]["method"], kind]
+    if quant.get("bits"):
+        tags += ["bitsandbytes", "4-bit" if quant["bits"] == 4 else "8-bit"]
+        tags += [quant["quant_type"]] if quant["bits"] == 4 else []
+    if quantized_to:
+        tags.append(quantized_to)
+    return list(dict.fromkeys(tags))
+
+
+def render(metadata: dict[str, Any], kind: str, title: str, summary: str, snippet: str,
+           library: str, drift: Optional[dict[str, Any]] = None, quantized_to: Optional[str] = None) -> str:
+    """The model card's text; ``metadata`` is the source adapter's peftkit metadata."""
+    from huggingface_hub import ModelCardData
+
+    metrics = dict(metadata.get("metrics", {}))
+    peft_type = peft_task_type(metadata)
+    card = ModelCardData(
+        base_model=hub_base_id(metadata), library_name=library, tags=_tags(metadata, kind, quantized_to),
+        datasets=_data_names(metadata["recipe"]) or None, metrics=sorted(metrics) or None,
+        pipeline_tag=PIPELINE_TAGS.get(peft_type),
+    )
+    lines = ["---", card.to_yaml(), "---", "", f"# {title}", "", summary, ""]
+    if metrics:
+        evaluated = metadata.get("training", {}).get("eval_rows")
+        lines += [f"## Evaluation of the source adapter ({metadata['name']}"
+                  + (f", {evaluated} rows of {metadata['recipe']['data'].get('eval')}" if evaluated else "") + ")",
+                  "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()] + [""]
+    if drift:
+        lines += ["## Measured drift against the adapter on its base, as trained", "",
+                  f"On {drift['rows']} rows of `{drift['source']}`:", "", "| | |", "|---|---|"]
+        for key in ("max_rel_diff", "mean_rel_diff", "max_abs_diff", "label_agreement", "positions"):
+            value = drift[key]
+            lines.append(f"| {key} | {value:.3e} |" if isinstance(value, float) and key != "label_agreement"
+                         else f"| {key} | {value} |")
+        lines.append("")
+    lines += ["## Loading", "", "```python", snippet.rstrip(), "```", "",
+              "## Provenance", "", "```json",
+              json.dumps({"source_adapter": metadata["name"], "base": metadata["base"]["identity"],
+                          "base_fingerprint": metadata["base"]["fingerprint"],
+                          "quantization": metadata["base"]["quantization"],
+                          "adapter_created": metadata.get("created")}, indent=2),
+              "```", ""]
+    return "\n".join(lines)
+
+
+def write(folder: Path, text: str) -> None:
+    (folder / "README.md").write_text(text)

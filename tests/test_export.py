@@ -1,0 +1,93 @@
+"""Export in peft format: loaded in a fresh process with plain transformers + peft (the model card's own
+code), it predicts what peftkit predicts; and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from peftkit.cli import main
+from peftkit.export import export
+from peftkit.loading import load_trained
+from peftkit.recipe import build_recipe
+from peftkit.registry import Registry
+from peftkit.training import train
+from tests.conftest import make_recipe
+from tests.test_convert import _relative
+from tests.tiny import sentiment_rows
+
+# runs the README's python block, then predicts; peftkit must not be imported on the way
+FRESH_PROCESS = """
+import json, re, sys
+card = open(sys.argv[1] + "/README.md").read()
+exec(re.search(r"```python\\n(.*?)```", card, re.S).group(1))
+assert not any(m == "peftkit" or m.startswith("peftkit.") for m in sys.modules), "peftkit was imported"
+sentences = json.loads(sys.argv[2])
+batch = tokenizer(sentences, padding=True, return_tensors="pt")
+with torch.no_grad():
+    print(json.dumps(model(**batch).logits.tolist()))
+"""
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    registries = {}
+    for name, quant, adapter in [("lora4", "4bit", "lora"), ("ada", "fp32", "adalora")]:
+        data = make_recipe(tiny_dir, root / name, quant=quant, adapter=adapter,
+                           train={"max_steps": 8, "eval_at_start": False, "lr": 2e-2}, output={"name": name})
+        registries[name] = Registry(train(build_recipe(data), echo=lambda line: None).adapter_dir.parent)
+    return registries
+
+
+@pytest.mark.parametrize("name", ["lora4", "ada"])
+def test_export_loads_in_a_fresh_process_with_the_same_predictions(adapters, name, tmp_path):
+    registry = adapters[name]
+    out = tmp_path / "export"
+    result = export(registry, name, "peft", out)
+    assert result["check"]["max_rel_diff"] < 1e-6 and result["check"]["label_agreement"] == 1.0
+
+    sentences = [row["sentence"] for row in sentiment_rows(24, seed=5)]
+    loaded = load_trained(registry.folder(name))
+    batch = loaded.tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = loaded.model(**batch).logits
+    env = {**os.environ, "PYTHONPATH": ""}
+    fresh = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(out), json.dumps(sentences)], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    got = torch.tensor(json.loads(fresh.stdout.strip().splitlines()[-1]))
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    assert _relative(got, expected) < 1e-5  # the same logits: the trained head travelled with the adapter
+
+    card = (out / "README.md").read_text()
+    header = card.split("---")[1]
+    assert re.search(r"^library_name: peft$", header, re.M) and re.search(r"^base_model: ", header, re.M)
+    assert "- accuracy" in header and "pipeline_tag: text-classification" in header
+    assert "num_labels=2, id2label={0: '0', 1: '1'}" in card
+    assert ("BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'" in card) == (name == "lora4")
+    assert json.loads((out / "peftkit.json").read_text())["exported_from"] == name
+
+
+def test_bad_input_is_one_line(adapters, tmp_path):
+    registry = str(adapters["lora4"].root)
+    run = lambda *args: CliRunner().invoke(main, [*args, "--registry", registry])  # noqa: E731
+    out = tmp_path / "e"
+    assert run("export", "lora4", "--format", "onnx", "--out", str(out)).output == (
+        "Error: --format: unknown format 'onnx'; use one of: peft\n")
+    ok = run("export", "lora4", "--out", str(out), "--check", "0")
+    assert ok.exit_code == 0 and f"saved {out} (" in ok.output
+    assert run("export", "lora4", "--out", str(out)).output == (
+        f"Error: --out {out} already exists; choose another folder or pass --force to replace it\n")
+    assert run("export", str(out), "--out", str(tmp_path / "f")).output == (
+        f"Error: {out} is an export of adapter lora4; export the registered adapter instead: "
+        "peftkit export lora4 --out DIR\n")
+    assert run("export", "lora5", "--out", str(tmp_path / "g")).output == (
+        f"Error: no adapter named 'lora5' in {registry}/; did you mean lora4?\n")
