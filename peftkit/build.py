@@ -33,6 +33,7 @@ class Plan:
     total_steps: int
     schedule: Optional[tuple[int, int]]  # AdaLoRA (tinit, tfinal)
     rank_pattern: Optional[dict[str, int]] = None  # LoRA ranks learned by an AdaLoRA adapter
+    eval_parts: list[tuple[str, int]] = field(default_factory=list)  # (data set, its encoded eval rows), several
 
 
 def plan_run(recipe: Recipe, num_processes: int = 1) -> Plan:
@@ -41,7 +42,7 @@ def plan_run(recipe: Recipe, num_processes: int = 1) -> Plan:
     base = resolve_base(recipe.base)
     tokenizer = load_tokenizer(base, recipe.base)
     train_rows = encode(raw.train, task, tokenizer, recipe.data.max_length)
-    eval_rows = encode(raw.eval, task, tokenizer, recipe.data.max_length)
+    eval_rows, eval_parts = _encode_eval(raw, task, tokenizer, recipe.data.max_length)
     t = recipe.train
     steps = total_steps(len(train_rows), t.batch_size, t.grad_accum, t.epochs, t.max_steps, num_processes)
     schedule = resolve_schedule(recipe.adapter, steps) if isinstance(recipe.adapter, AdaLoraSection) else None
@@ -53,7 +54,18 @@ def plan_run(recipe: Recipe, num_processes: int = 1) -> Plan:
         except PeftkitError as exc:
             raise PeftkitError(f"adapter.init_from: {exc}") from None
     return Plan(recipe, task, base, tokenizer, train_rows, eval_rows, steps, schedule,
-                learned_rank_pattern(recipe))
+                learned_rank_pattern(recipe), eval_parts)
+
+
+def _encode_eval(raw: Any, task: TaskHead, tokenizer: Any, max_length: int) -> tuple[Any, list[tuple[str, int]]]:
+    """The eval rows encoded, and with several data sets how many encoded rows each one has, in order
+    (encoding can change a data set's row count: packed text, say)."""
+    if len(raw.eval_parts) <= 1:
+        return encode(raw.eval, task, tokenizer, max_length), []
+    import datasets
+
+    parts = [(name, encode(rows, task, tokenizer, max_length)) for name, rows in raw.eval_parts]
+    return datasets.concatenate_datasets([rows for _, rows in parts]), [(name, len(rows)) for name, rows in parts]
 
 
 def learned_rank_pattern(recipe: Recipe) -> Optional[dict[str, int]]:

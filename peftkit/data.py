@@ -13,12 +13,12 @@ import csv
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .errors import PeftkitError
-from .recipe import DataSection
+from .recipe import DataSection, DataSource
 from .tasks.base import TaskHead
 
 _BUILDERS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "txt"}
@@ -29,6 +29,7 @@ class RawData:
     train: Any  # datasets.Dataset with role-named columns
     eval: Any
     eval_source: str  # the eval file, or which split of the train file was carved off
+    eval_parts: list[tuple[str, Any]] = field(default_factory=list)  # (data set name, its eval rows)
 
 
 def _format_of(path: Path, data: DataSection) -> str:
@@ -169,43 +170,89 @@ def _to_roles(ds: Any, columns: dict[str, str]) -> Any:
     return ds.map(lambda row: {role: row[col] for role, col in columns.items()}, remove_columns=ds.column_names)
 
 
-def load_task_data(data: DataSection, task: TaskHead, seed: int) -> RawData:
-    """Train and eval rows with columns renamed to the task's roles, and the task fitted to them."""
-    train = load_rows(data.train, data, "data.train", data.split)
-    columns = task.resolve_columns(train.column_names, data.columns, data.train)
-    if data.eval is not None:
-        eval_ = load_rows(data.eval, data, "data.eval", data.eval_split or data.split)
-        eval_columns = task.resolve_columns(eval_.column_names, data.columns, data.eval)
-        eval_source = data.eval
+def _load_source(source: DataSource, task: TaskHead, seed: int, key: str) -> tuple[Any, Any, str, Any]:
+    """(train, eval, where the eval rows came from, rows to learn the labels from), role-named, of one data set."""
+    train = load_rows(source.train, source, f"{key}train", source.split)
+    columns = task.resolve_columns(train.column_names, source.columns, source.train, key)
+    if source.eval is not None:
+        eval_ = load_rows(source.eval, source, f"{key}eval", source.eval_split or source.split)
+        eval_columns = task.resolve_columns(eval_.column_names, source.columns, source.eval, key)
+        eval_source = source.eval
     else:
         if len(train) < 2:
-            raise PeftkitError(f"data.train: {data.train} has {len(train)} row; give data.eval or more rows")
-        n_eval = math.ceil(data.eval_fraction * len(train))
+            raise PeftkitError(f"{key}train: {source.train} has {len(train)} row; give {key}eval or more rows")
+        n_eval = math.ceil(source.eval_fraction * len(train))
         if len(train) - n_eval < 1:
             raise PeftkitError(
-                f"data.eval_fraction: {data.eval_fraction:g} of the {len(train)} rows of {data.train} leaves none "
-                "to train on; lower data.eval_fraction, give data.eval, or add rows"
+                f"{key}eval_fraction: {source.eval_fraction:g} of the {len(train)} rows of {source.train} leaves "
+                f"none to train on; lower {key}eval_fraction, give {key}eval, or add rows"
             )
         split = train.train_test_split(test_size=n_eval, seed=seed)
         train, eval_ = split["train"], split["test"]
         eval_columns = columns
-        eval_source = f"{data.train} (eval split of {data.eval_fraction:g})"
+        eval_source = f"{source.train} (eval split of {source.eval_fraction:g})"
     train = _to_roles(train, columns)
     eval_ = _to_roles(eval_, eval_columns)
-    # Fitted on every row, before any is dropped: the labels do not depend on max_train_samples, a bad eval
-    # row is reported by its row number in its file, and an eval split carved from train learns from the
-    # whole file (a rare label that lands only in the split is still one of the file's labels).
-    if data.eval is None:
+    # Labels are learned from every row, before any is dropped: they do not depend on max_train_samples, and an
+    # eval split carved from train learns from the whole file (a rare label that lands only in the split is
+    # still one of the file's labels).
+    fit_rows = train
+    if source.eval is None:
         import datasets
 
-        task.fit(datasets.concatenate_datasets([train, eval_]), eval_, eval_source)
-    else:
-        task.fit(train, eval_, eval_source)
-    if data.max_train_samples and len(train) > data.max_train_samples:
-        train = train.shuffle(seed=seed).select(range(data.max_train_samples))
-    if data.max_eval_samples and len(eval_) > data.max_eval_samples:
-        eval_ = eval_.shuffle(seed=seed).select(range(data.max_eval_samples))
-    return RawData(train, eval_, eval_source)
+        fit_rows = datasets.concatenate_datasets([train, eval_])
+    return train, eval_, eval_source, fit_rows
+
+
+def _pool(parts: list[Any]) -> Any:
+    """One data set from several with the same roles; columns typed differently (0/1 vs "pos") become text."""
+    if len(parts) == 1:
+        return parts[0]
+    import datasets
+
+    columns = parts[0].column_names
+    parts = [p.select_columns(columns) for p in parts]
+    if any(p.features != parts[0].features for p in parts[1:]):
+        text = datasets.Features({c: datasets.Value("string") for c in columns})
+        parts = [p.cast(text) for p in parts]
+    return datasets.concatenate_datasets(parts)
+
+
+def load_task_data(data: DataSection, task: TaskHead, seed: int) -> RawData:
+    """Train and eval rows with columns renamed to the task's roles, and the task fitted to them.
+
+    With several data sets (``data.also``) the train rows are pooled into one adapter; the eval rows stay
+    in one part per data set, so that each data set's metrics can be reported too.
+    """
+    loaded = []
+    for i, source in enumerate(data.sources()):
+        key = "data." if i == 0 else f"data.also[{i - 1}]."
+        before = dict(task.state)
+        loaded.append(_load_source(source, task, seed, key))
+        if i and before.get("format") != task.state.get("format"):
+            raise PeftkitError(f"{key}train: its rows are {task.state.get('format')} but data.train's are "
+                               f"{before.get('format')}; one adapter learns one format")
+        roles, first = set(loaded[-1][0].column_names), set(loaded[0][0].column_names)
+        if roles != first:
+            raise PeftkitError(f"{key}train: {source.train} gives the task {', '.join(sorted(roles))} but data.train "
+                               f"gives {', '.join(sorted(first))}; data sets pooled into one adapter need the same "
+                               f"roles (map them with {key}columns)")
+    pooled = _pool([part[3] for part in loaded])
+    for _, eval_, eval_source, _ in loaded:
+        # bad eval rows are reported by their row number in their own file
+        task.fit(pooled, eval_, eval_source)
+    trains, evals = [], []
+    for source, (train, eval_, eval_source, _) in zip(data.sources(), loaded):
+        if source.max_train_samples and len(train) > source.max_train_samples:
+            train = train.shuffle(seed=seed).select(range(source.max_train_samples))
+        if source.max_eval_samples and len(eval_) > source.max_eval_samples:
+            eval_ = eval_.shuffle(seed=seed).select(range(source.max_eval_samples))
+        trains.append(train)
+        evals.append((source.label(), eval_))
+    train = _pool(trains)
+    eval_ = _pool([e for _, e in evals])
+    eval_source = loaded[0][2] if len(loaded) == 1 else ", ".join(part[2] for part in loaded)
+    return RawData(train, eval_, eval_source, evals)
 
 
 def encode(rows: Any, task: TaskHead, tokenizer: Any, max_length: int) -> Any:

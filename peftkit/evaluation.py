@@ -36,6 +36,31 @@ def collect(model: torch.nn.Module, task: Any, tokenizer: Any, rows: Any, batche
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def in_row_order(collected: dict[str, torch.Tensor], n_rows: int, batch_size: int, world: int
+                 ) -> dict[str, torch.Tensor]:
+    """Rows gathered from ``world`` processes (process r evaluated batches r, r + world, ...) back in file order."""
+    batches = eval_batches(n_rows, batch_size)
+    gathered_order = torch.tensor([i for r in range(world) for b in batches[r::world] for i in b])
+    restored = {}
+    for key, values in collected.items():
+        out = torch.empty_like(values)
+        out[gathered_order] = values
+        restored[key] = out
+    return restored
+
+
+def metrics_by_source(task: Any, collected: dict[str, torch.Tensor], parts: list[tuple[str, int]]
+                      ) -> dict[str, float]:
+    """The task's metrics over all eval rows and, with several data sets, each one's as ``name/metric``."""
+    metrics = task.metrics(collected)
+    start = 0
+    for name, count in parts:
+        part = task.metrics({k: v[start:start + count] for k, v in collected.items()})
+        metrics.update({f"{name}/{key}": value for key, value in part.items()})
+        start += count
+    return metrics
+
+
 def evaluate_file(loaded: Any, path: str, group_by: Optional[str] = None, batch_size: int = 32) -> dict[str, Any]:
     """The adapter's task metrics on a labelled file (read with the adapter's recipe settings)."""
     from .data import encode, _to_roles

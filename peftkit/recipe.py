@@ -167,7 +167,10 @@ class TaskSection(Section):
         return dict(self.model_extra or {})
 
 
-class DataSection(Section):
+class DataSource(Section):
+    """One data set: a train file (or hub id), its eval rows, and how to read them."""
+
+    name: Optional[str] = Field(None, description="label for this data set's eval metrics; default from the file")
     train: str = Field(description="a local file (csv, tsv, json, jsonl, parquet, txt) or a hub data set id")
     eval: Optional[str] = None
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="carved from train when eval is not given")
@@ -175,12 +178,37 @@ class DataSection(Section):
     header: bool = True
     column_names: Optional[list[str]] = Field(None, description="names for the columns of a header-less file")
     columns: dict[str, str] = Field(default_factory=dict, description="task role -> column name")
-    max_length: int = Field(128, ge=8)
     max_train_samples: Optional[int] = Field(None, ge=1)
     max_eval_samples: Optional[int] = Field(None, ge=1)
     split: str = Field("train", description="split to read from a hub data set")
     eval_split: Optional[str] = None
     encoding: str = "utf-8"
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        path = Path(self.train)
+        # SST-2/train.tsv -> SST-2; a hub id or a plainly named file -> its own name
+        return path.parent.name if path.stem.lower() in {"train", "dev", "test", "validation"} and path.parent.name \
+            else path.stem
+
+
+class DataSection(DataSource):
+    """The first data set, plus any number of others (``also``) trained into the same adapter."""
+
+    max_length: int = Field(128, ge=8)
+    also: list[DataSource] = Field(default_factory=list, description="more data sets for the same adapter")
+
+    def sources(self) -> list[DataSource]:
+        return [self, *self.also]
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> "DataSection":
+        labels = [source.label() for source in self.sources()]
+        repeated = next((label for label in labels if labels.count(label) > 1), None)
+        if repeated is not None:
+            raise SectionProblems([("also", f"two data sets are called {repeated!r}; give each a distinct name")])
+        return self
 
 
 class TrainSection(Section):

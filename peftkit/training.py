@@ -28,7 +28,7 @@ from .checkpoint import (STATE_FILE, check_same_run, latest_checkpoint, list_che
                          resume_relevant, save_checkpoint, training_state)
 from .data import eval_batches, plan_batches, steps_per_epoch
 from .errors import PeftkitError
-from .evaluation import collect, device_batch
+from .evaluation import collect, device_batch, in_row_order, metrics_by_source
 from .models import describe_quantization, fingerprint, pick_device, torch_dtype
 from .rank_report import HEATMAP_FILE, save_heatmap
 from .recipe import AdaLoraSection, Recipe
@@ -109,6 +109,7 @@ class Evaluator:
     def __init__(self, plan: Plan, batch_size: int, device: torch.device, rank: int, world: int, sharded: bool):
         self.plan, self.device = plan, device
         self.rank, self.world = (0, 1) if sharded else (rank, world)
+        self.batch_size = batch_size
         self.batches = eval_batches(len(plan.eval_rows), batch_size)[self.rank::self.world]
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
@@ -118,7 +119,8 @@ class Evaluator:
             gathered: list[Any] = [None] * self.world
             torch.distributed.all_gather_object(gathered, collected)
             collected = {k: torch.cat([g[k] for g in gathered if k in g]) for k in collected}
-        return self.plan.task.metrics(collected)
+            collected = in_row_order(collected, len(self.plan.eval_rows), self.batch_size, self.world)
+        return metrics_by_source(self.plan.task, collected, self.plan.eval_parts)
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:

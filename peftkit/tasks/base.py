@@ -40,12 +40,14 @@ class TaskHead(ABC):
 
     # ---- data ------------------------------------------------------------------------------------------
 
-    def resolve_columns(self, available: list[str], mapping: dict[str, str], source: str) -> dict[str, str]:
-        """Map each role this head reads to a column of ``source``; roles without a column are left out."""
+    def resolve_columns(self, available: list[str], mapping: dict[str, str], source: str,
+                        key: str = "data.") -> dict[str, str]:
+        """Map each role this head reads to a column of ``source``; roles without a column are left out.
+        ``key`` is the recipe section the mapping came from (``data.also[0].`` for a second data set)."""
         unknown = sorted(set(mapping) - set(self.roles))
         if unknown:
             raise PeftkitError(
-                f"data.columns: {', '.join(unknown)} is not a role of task {self.name}; "
+                f"{key}columns: {', '.join(unknown)} is not a role of task {self.name}; "
                 f"its roles are: {', '.join(self.roles)}"
             )
         resolved: dict[str, str] = {}
@@ -53,7 +55,7 @@ class TaskHead(ABC):
             if role in mapping:
                 if mapping[role] not in available:
                     raise PeftkitError(
-                        f"data.columns.{role}: column {mapping[role]!r} is not in {source} "
+                        f"{key}columns.{role}: column {mapping[role]!r} is not in {source} "
                         f"(its columns: {', '.join(available)}); fix the name"
                     )
                 resolved[role] = mapping[role]
@@ -65,8 +67,8 @@ class TaskHead(ABC):
         if missing:
             role = missing[0]
             raise PeftkitError(
-                f"data.columns.{role}: no column for {role!r} in {source} (its columns: {', '.join(available)}); "
-                f"set data.columns.{role}: COLUMN"
+                f"{key}columns.{role}: no column for {role!r} in {source} (its columns: {', '.join(available)}); "
+                f"set {key}columns.{role}: COLUMN"
             )
         return resolved
 

@@ -46,17 +46,18 @@ class CausalLM(TaskHead):
     required_roles = ()
     key_metric = ("perplexity", "min")
 
-    def resolve_columns(self, available: list[str], mapping: dict[str, str], source: str) -> dict[str, str]:
+    def resolve_columns(self, available: list[str], mapping: dict[str, str], source: str,
+                        key: str = "data.") -> dict[str, str]:
         from ..errors import PeftkitError
 
-        resolved = super().resolve_columns(available, mapping, source)
+        resolved = super().resolve_columns(available, mapping, source, key)
         fmt = self.format_for(resolved)
         needed = ("text",) if fmt == "text" else ("prompt", "response")
         for role in needed:
             if role not in resolved:
                 raise PeftkitError(
-                    f"data.columns.{role}: task.format {fmt} needs a {role!r} column and {source} has none "
-                    f"(its columns: {', '.join(available)}); set data.columns.{role}: COLUMN"
+                    f"{key}columns.{role}: task.format {fmt} needs a {role!r} column and {source} has none "
+                    f"(its columns: {', '.join(available)}); set {key}columns.{role}: COLUMN"
                 )
         self.state["format"] = fmt
         return resolved
