@@ -1,0 +1,196 @@
+"""The benchmark tasks and methods: the same rows and settings for peftkit and for the hand-written baseline.
+
+Each task's rows are drawn once (data seed 0, independent of the training seed) and written as JSON lines into
+the run's work folder, so both tools train and evaluate on exactly the same examples; the training seed
+varies the initialisation, dropout and batch order only. A method is a quantization plus an adapter, written
+once here and turned into a peftkit recipe or into the baseline's flags.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from common import SHARED_DATA
+
+# where the readers look; compare_methods --data-root points it elsewhere (tests use tiny files)
+DATA_ROOT = [SHARED_DATA]
+
+
+def _tsv(path: Path, header: bool = True) -> list[list[str]]:
+    # GLUE's files hold bare quotes as text; MRPC's dev file starts with a byte-order mark
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [r for r in (rows[1:] if header else rows) if r]
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+def read_sst2(split: str) -> list[dict[str, str]]:
+    rows = _tsv(DATA_ROOT[0] / "glue" / "SST-2" / f"{'train' if split == 'train' else 'dev'}.tsv")
+    return [{"text": _clean(r[0]), "label": r[1]} for r in rows]
+
+
+def read_rte(split: str) -> list[dict[str, str]]:
+    rows = _tsv(DATA_ROOT[0] / "glue" / "RTE" / f"{'train' if split == 'train' else 'dev'}.tsv")
+    return [{"text": _clean(r[1]), "text_pair": _clean(r[2]), "label": r[3]} for r in rows]
+
+
+def read_mrpc(split: str) -> list[dict[str, str]]:
+    rows = _tsv(DATA_ROOT[0] / "glue" / "MRPC" / f"{'train' if split == 'train' else 'dev'}.tsv")
+    return [{"text": _clean(r[3]), "text_pair": _clean(r[4]), "label": r[0]} for r in rows]
+
+
+def read_agnews(split: str) -> list[dict[str, str]]:
+    rows = _tsv(DATA_ROOT[0] / "agnews" / f"{'train' if split == 'train' else 'test'}.tsv", header=False)
+    return [{"text": _clean(r[0]), "label": r[1]} for r in rows]
+
+
+def read_alpaca(split: str) -> list[dict[str, str]]:
+    rows = json.loads((DATA_ROOT[0] / "instruct" / "alpaca_en_demo.json").read_text())
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)  # one fixed held-out split: the first 5% of a seeded shuffle
+    n_eval = max(1, len(rows) // 20)
+    chosen = order[:n_eval] if split == "eval" else order[n_eval:]
+    return [{"instruction": rows[i]["instruction"], "input": rows[i].get("input", ""), "output": rows[i]["output"]}
+            for i in chosen]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str  # "classification" or "causal_lm"
+    model: str  # a packaged peftkit model name
+    read: Callable[[str], list[dict[str, str]]]
+    metric: str  # what the table compares: accuracy (higher is better) or loss (lower is better)
+    train_rows: int
+    eval_rows: Optional[int]
+    max_length: int
+    batch_size: int
+    lr: float  # the adapters' learning rate; full fine-tuning uses full_lr
+    full_lr: float
+    r: int = 8
+    max_steps: Optional[int] = None
+    eval_batch_size: int = 64
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric != "loss"
+
+
+TASKS: dict[str, TaskSpec] = {
+    "sst2": TaskSpec("sst2", "classification", "minilm", read_sst2, "accuracy", 2000, None, 64, 32, 1e-3, 1e-4),
+    "rte": TaskSpec("rte", "classification", "minilm", read_rte, "accuracy", 2490, None, 128, 32, 1e-3, 1e-4),
+    "mrpc": TaskSpec("mrpc", "classification", "minilm", read_mrpc, "accuracy", 2000, None, 128, 32, 1e-3, 1e-4),
+    "agnews": TaskSpec("agnews", "classification", "minilm", read_agnews, "accuracy", 2000, 1000, 128, 32, 1e-3,
+                       1e-4),
+    "alpaca": TaskSpec("alpaca", "causal_lm", "smollm2-135m", read_alpaca, "loss", 999, 24, 96, 4, 2e-4, 2e-5,
+                       r=16, max_steps=8, eval_batch_size=8),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    bits: Optional[int]  # None: float32 base
+    adapter: Optional[str]  # None: full fine-tuning
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("full", "full fine-tuning", None, None),
+    Method("lora", "LoRA fp32", None, "lora"),
+    Method("lora-8bit", "LoRA 8-bit", 8, "lora"),
+    Method("qlora", "QLoRA NF4", 4, "lora"),
+    Method("adalora", "AdaLoRA fp32", None, "adalora"),
+    Method("adalora-4bit", "AdaLoRA NF4", 4, "adalora"),
+]}
+
+
+@dataclass
+class Prepared:
+    """A task's data written for one invocation: both tools read these files whole."""
+
+    task: TaskSpec
+    train_file: Path
+    eval_file: Path
+    n_train: int
+    n_eval: int
+    labels: list[str] = field(default_factory=list)
+
+
+def prepare(task: TaskSpec, folder: Path, train_rows: Optional[int] = None,
+            eval_rows: Optional[int] = None) -> Prepared:
+    train = task.read("train")
+    evaluation = task.read("eval")
+    rng = random.Random(0)
+    n_train = min(train_rows or task.train_rows, len(train))
+    train = rng.sample(train, n_train) if n_train < len(train) else train
+    n_eval = eval_rows or task.eval_rows
+    if n_eval and n_eval < len(evaluation):
+        evaluation = rng.sample(evaluation, n_eval)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, rows in (("train", train), ("eval", evaluation)):
+        path = folder / f"{task.name}-{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(path)
+    labels = sorted({r["label"] for r in train}) if task.kind == "classification" else []
+    return Prepared(task, paths[0], paths[1], len(train), len(evaluation), labels)
+
+
+def peftkit_recipe(prepared: Prepared, method: Method, seed: int, out: Path) -> dict[str, Any]:
+    """The peftkit recipe (as a dict) for one run; the same settings as :func:`baseline_flags`."""
+    task = prepared.task
+    adapter: Optional[dict[str, Any]] = None
+    if method.adapter == "lora":
+        adapter = {"method": "lora", "r": task.r, "lora_alpha": 2 * task.r, "lora_dropout": 0.05,
+                   "target_modules": "all-linear"}
+    elif method.adapter == "adalora":
+        # rank 1.5 r pruned to an average of r: the same final budget as LoRA r; peftkit's AdaLoRA defaults
+        adapter = {"method": "adalora", "init_r": task.r * 3 // 2, "target_r": task.r, "target_modules": "all-linear"}
+    quantization: dict[str, Any] = {"bits": method.bits}
+    if method.bits == 4:
+        quantization.update(quant_type="nf4", double_quant=True, compute_dtype="float32")
+    if task.kind == "classification":
+        task_section: dict[str, Any] = {"type": "classification", "labels": prepared.labels}
+        columns = {"text": "text", "label": "label", **({"text_pair": "text_pair"} if task.name in ("rte", "mrpc")
+                                                         else {})}
+    else:
+        task_section = {"type": "causal_lm", "format": "instruction", "mask_prompt": True}
+        columns = {"prompt": "instruction", "input": "input", "response": "output"}
+    return {
+        "base": {"model": task.model},
+        "quantization": quantization,
+        "adapter": adapter,
+        "task": task_section,
+        "data": {"train": str(prepared.train_file), "eval": str(prepared.eval_file), "columns": columns,
+                 "max_length": task.max_length},
+        "train": {"epochs": 1, "max_steps": task.max_steps, "batch_size": task.batch_size,
+                  "eval_batch_size": task.eval_batch_size, "lr": task.full_lr if method.adapter is None else task.lr,
+                  "head_lr": None, "warmup_ratio": 0.06, "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": seed,
+                  "progress": False},
+        "output": {"name": f"{task.name}-{method.name}-{seed}", "registry": str(out / "adapters"),
+                   "runs": str(out / "runs")},
+    }
+
+
+def baseline_flags(prepared: Prepared, method: Method, seed: int, model_dir: Path) -> list[str]:
+    """The hand-written baseline's flags for the same run as :func:`peftkit_recipe`."""
+    task = prepared.task
+    flags = ["--task", task.kind, "--model-dir", str(model_dir), "--train", str(prepared.train_file),
+             "--eval", str(prepared.eval_file), "--method", method.adapter or "full", "--bits", str(method.bits or 0),
+             "--r", str(task.r), "--max-length", str(task.max_length), "--batch-size", str(task.batch_size),
+             "--eval-batch-size", str(task.eval_batch_size),
+             "--lr", str(task.full_lr if method.adapter is None else task.lr), "--seed", str(seed)]
+    if task.max_steps:
+        flags += ["--max-steps", str(task.max_steps)]
+    if prepared.labels:
+        flags += ["--labels", ",".join(prepared.labels)]
+    return flags
