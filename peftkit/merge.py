@@ -39,7 +39,8 @@ DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16
           "fp16": "float16", "float16": "float16"}
 QUANTIZE = ("nf4", "fp4", "int8")
 # max_rel_diff of the logits against base+adapter. Measured on MiniLM SST-2 (README): an exact float32 merge
-# moves them by ~1e-6, bfloat16 by ~1e-2, NF4 re-quantization by ~0.1 with labels still 97 % the same.
+# moves them by 6e-7, NF4 re-quantization by 0.73 with 90.6 % of labels the same, which this refuses; on the
+# tiny test models bfloat16 moves them by ~6e-3.
 DEFAULT_MAX_DRIFT = 0.25
 FLOAT_SUBFOLDER = ".float32"
 
