@@ -166,7 +166,13 @@ def _server(registry: str, names: tuple[str, ...], unquantized: bool) -> Any:
     adapters = [n for n in dict.fromkeys(names) if n != BASE]
     if not adapters:
         raise click.UsageError("name at least one registered adapter with --adapter")
-    return load_server(registry, adapters, quantized=not unquantized)
+    server = load_server(registry, adapters, quantized=not unquantized)
+    for name, info in server.description["adapters"].items():
+        if info["trained_on"] != server.description["weights"]:
+            click.echo(f"note: {name} was trained on a {info['trained_on']} base and is served on "
+                       f"{server.description['weights']} weights; its outputs differ slightly from training's",
+                       err=True)
+    return server
 
 
 @main.command()

@@ -237,3 +237,15 @@ def test_generate_command(registry):
     server = load_server(registry, ["chat"])
     assert [line["text"] for line in lines] == server.generate(["say king again"] * 2, ["chat", "base"],
                                                                max_new_tokens=4)
+
+
+def test_adapters_trained_on_four_bits_served_unquantized(registry):
+    quantized = load_server(registry, ["sentiment", "topics"])
+    plain = load_server(registry, ["sentiment", "topics"], quantized=False)
+    assert plain.description["weights"] == "float32"
+    assert plain.description["adapters"]["sentiment"]["trained_on"].startswith("4-bit NF4")
+    assert plain.base_bytes > 2 * quantized.base_bytes
+    names = ["sentiment", "topics"] * 2
+    a, b = quantized.outputs(TEXTS[:4], names), plain.outputs(TEXTS[:4], names)
+    assert all(x.shape == y.shape for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))  # really other weights, not the 4-bit ones
