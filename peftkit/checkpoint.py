@@ -3,7 +3,8 @@
 ``<runs>/<name>/checkpoints/step-<N>/`` holds the trainable weights (safetensors), the optimizer and LR
 scheduler states, every random generator, the position in the data, and AdaLoRA's allocator state. Each
 checkpoint is written to a staging folder and renamed into place, so ``--resume`` only ever sees complete
-ones; the oldest are pruned to ``train.keep_checkpoints``.
+ones; the oldest are pruned to ``train.keep_checkpoints``. Only the main process writes; under FSDP the
+weights and optimizer state are first gathered from every process's shard, and scattered back on resume.
 """
 
 from __future__ import annotations

@@ -291,10 +291,11 @@ def _check_launch(accelerator: Any, recipe: Recipe, say: Callable[[str], None]) 
 
     from accelerate.utils import DistributedType
 
-    # accelerate's launcher sets MASTER_ADDR when asked for several processes, torchrun sets WORLD_SIZE too
-    if accelerator.num_processes == 1 and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
-        say("note: accelerate started one process: without GPUs, `accelerate launch --num_processes N` needs "
-            "--multi_gpu (or --config_file docs/accelerate/ddp.yaml) to start N CPU processes")
+    # accelerate's single-process launcher sets ACCELERATE_USE_CPU, and MASTER_ADDR when asked for several
+    simple_launcher = "ACCELERATE_USE_CPU" in os.environ and os.environ.get("MASTER_ADDR")
+    if accelerator.num_processes == 1 and simple_launcher and "WORLD_SIZE" not in os.environ:
+        say("note: accelerate started one process of the several asked for; with fewer than 2 GPUs, "
+            "`accelerate launch` needs --multi_gpu (or --config_file docs/accelerate/ddp.yaml) to start several")
     if accelerator.distributed_type != DistributedType.FSDP:
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
             say("note: accelerate runs FSDP on GPUs only; these CPU processes train data-parallel (DDP)")
