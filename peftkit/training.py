@@ -29,7 +29,8 @@ from .checkpoint import (STATE_FILE, check_same_run, latest_checkpoint, list_che
 from .data import eval_batches, plan_batches, steps_per_epoch
 from .errors import PeftkitError
 from .evaluation import collect, device_batch, in_row_order, metrics_by_source
-from .models import describe_quantization, fingerprint, pick_device, torch_dtype
+from .launch import check_launch, fit_fsdp_plugin
+from .models import describe_quantization, fingerprint, pick_device
 from .rank_report import HEATMAP_FILE, save_heatmap
 from .recipe import AdaLoraSection, Recipe
 
@@ -141,7 +142,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     accelerator = Accelerator(cpu=device.type == "cpu")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     say = echo if main else (lambda _: None)
-    sharded = _check_launch(accelerator, recipe, say)
+    sharded = check_launch(accelerator, recipe, say)
     set_seed(t.seed)
 
     plan = plan_run(recipe, world)
@@ -159,7 +160,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
 
     driver = adalora.AdaLoraDriver.for_model(model, recipe.adapter) if isinstance(recipe.adapter, AdaLoraSection) else None
     if sharded:
-        _fit_fsdp_plugin(accelerator, model, recipe)
+        fit_fsdp_plugin(accelerator, model, recipe)
     if world > 1:
         model = accelerator.prepare_model(model, device_placement=False)
     unwrapped = accelerator.unwrap_model(model)
@@ -283,52 +284,6 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
         say(f"saved {target} in {seconds:.0f} s of training: {_format_metrics(metrics)}")
     accelerator.wait_for_everyone()
     return TrainResult(result_dir, metrics, metadata, unwrapped)
-
-
-def _check_launch(accelerator: Any, recipe: Recipe, say: Callable[[str], None]) -> bool:
-    """Whether the launcher asked for FSDP and got it; refuse what peftkit's loop cannot do under FSDP."""
-    import os
-
-    from accelerate.utils import DistributedType
-
-    # accelerate's single-process launcher sets ACCELERATE_USE_CPU, and MASTER_ADDR when asked for several
-    simple_launcher = "ACCELERATE_USE_CPU" in os.environ and os.environ.get("MASTER_ADDR")
-    if accelerator.num_processes == 1 and simple_launcher and "WORLD_SIZE" not in os.environ:
-        say("note: accelerate started one process of the several asked for; with fewer than 2 GPUs, "
-            "`accelerate launch` needs --multi_gpu (or --config_file docs/accelerate/ddp.yaml) to start several")
-    if accelerator.distributed_type != DistributedType.FSDP:
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-            say("note: accelerate runs FSDP on GPUs only; these CPU processes train data-parallel (DDP)")
-        return False
-    plugin = accelerator.state.fsdp_plugin
-    problems = []
-    if plugin.fsdp_version != 1:
-        problems.append("fsdp_version: peftkit's loop runs FSDP 1 (it makes the optimizer after wrapping); set "
-                        "fsdp_version: 1 in the accelerate config, as docs/accelerate/fsdp-qlora.yaml does")
-    elif not plugin.use_orig_params:
-        problems.append("fsdp_use_orig_params: peftkit gives the head, biases and norms their own learning rate "
-                        "and weight decay by parameter name, which FSDP keeps only with fsdp_use_orig_params: true")
-    if isinstance(recipe.adapter, AdaLoraSection):
-        problems.append("adapter.method: adalora reallocates ranks from whole weights and gradients, which FSDP "
-                        "splits across processes; launch it with docs/accelerate/ddp.yaml, or use lora")
-    quant = recipe.quantization
-    if quant.bits == 8 or (quant.bits == 4 and quant.quant_storage == "uint8"):
-        problems.append("quantization: FSDP shards floating tensors only; use bits: 4 with quant_storage and "
-                        "base.dtype both bfloat16 (or float16 / float32)")
-    if problems:
-        raise PeftkitError("under FSDP: " + "; ".join(problems))
-    return True
-
-
-def _fit_fsdp_plugin(accelerator: Any, model: torch.nn.Module, recipe: Recipe) -> None:
-    """What transformers' Trainer does for peft models under FSDP (peft's docs, "Use PEFT QLoRA and FSDP")."""
-    from peft.utils.other import fsdp_auto_wrap_policy
-
-    plugin = accelerator.state.fsdp_plugin
-    # adapter layers wrapped apart from the frozen base, so no flat parameter mixes trainable and frozen ones
-    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
-    if recipe.quantization.bits == 4:  # compute in the dtype the 4-bit weights are packed in
-        plugin.set_mixed_precision(torch_dtype(recipe.quantization.quant_storage), override=True)
 
 
 def _resumable(progress: dict[str, Any], groups: list) -> dict[str, Any]:

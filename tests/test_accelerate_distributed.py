@@ -60,7 +60,7 @@ def _recipe(tiny_dir, out, bert, grad_accum):
     return data
 
 
-def test_killed_two_process_run_resumes_to_the_one_process_result(tiny_dir, tmp_path, dropout_free_bert):
+def test_killed_two_process_run_resumes_to_the_one_process_result(tiny_dir, tmp_path, dropout_free_bert):  # noqa: F811
     reference = train(build_recipe(_recipe(tiny_dir, tmp_path / "one", dropout_free_bert, 2)),
                       echo=lambda line: None)
 
@@ -124,29 +124,29 @@ def test_fsdp_refuses_what_the_loop_cannot_shard(tiny_dir, tmp_path, monkeypatch
     from accelerate.utils import DistributedType
 
     from peftkit.errors import PeftkitError
-    from peftkit.training import _check_launch
+    from peftkit.launch import check_launch
 
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     lora_4bit = build_recipe({**make_recipe(tiny_dir, tmp_path, quant="4bit"), "base": {
         "model": str(tiny_dir / "bert"), "dtype": "bfloat16"}})
     said = []
     with pytest.raises(PeftkitError) as refused:
-        _check_launch(_fake_accelerator(DistributedType.FSDP), lora_4bit, said.append)
+        check_launch(_fake_accelerator(DistributedType.FSDP), lora_4bit, said.append)
     assert str(refused.value) == (
         "under FSDP: quantization: FSDP shards floating tensors only; use bits: 4 with quant_storage and base.dtype "
         "both bfloat16 (or float16 / float32)")
     lora_4bit.quantization.quant_storage = "bfloat16"
-    assert _check_launch(_fake_accelerator(DistributedType.FSDP), lora_4bit, said.append) is True
+    assert check_launch(_fake_accelerator(DistributedType.FSDP), lora_4bit, said.append) is True
     with pytest.raises(PeftkitError, match=r"fsdp_version: peftkit's loop runs FSDP 1"):
-        _check_launch(_fake_accelerator(DistributedType.FSDP, fsdp_version=2), lora_4bit, said.append)
+        check_launch(_fake_accelerator(DistributedType.FSDP, fsdp_version=2), lora_4bit, said.append)
     with pytest.raises(PeftkitError, match=r"with fsdp_use_orig_params: true$"):
-        _check_launch(_fake_accelerator(DistributedType.FSDP, use_orig_params=False), lora_4bit, said.append)
+        check_launch(_fake_accelerator(DistributedType.FSDP, use_orig_params=False), lora_4bit, said.append)
     adalora = build_recipe(make_recipe(tiny_dir, tmp_path, adapter="adalora"))
     with pytest.raises(PeftkitError, match=r"adapter.method: adalora reallocates ranks .* use lora$"):
-        _check_launch(_fake_accelerator(DistributedType.FSDP), adalora, said.append)
+        check_launch(_fake_accelerator(DistributedType.FSDP), adalora, said.append)
     assert said == []
 
     # on CPUs accelerate leaves FSDP off and runs DDP; peftkit says so rather than pretend
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert _check_launch(_fake_accelerator(DistributedType.MULTI_CPU), adalora, said.append) is False
+    assert check_launch(_fake_accelerator(DistributedType.MULTI_CPU), adalora, said.append) is False
     assert said == ["note: accelerate runs FSDP on GPUs only; these CPU processes train data-parallel (DDP)"]
