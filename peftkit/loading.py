@@ -69,6 +69,7 @@ def load_trained(folder: str | Path, device: str = "auto", check_base: bool = Tr
         with warnings.catch_warnings():
             # peft matches AdaLoRA's saved rank_pattern against LoRA-style keys and warns; AdaLoRA applies it
             warnings.filterwarnings("ignore", message=r"The following rank_pattern keys did not match")
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is_gradient_checkpointing")
             model = PeftModel.from_pretrained(model, folder, adapter_name="default")
     model.eval()
     return LoadedAdapter(folder, metadata, recipe, task, tokenizer, model)

@@ -251,6 +251,8 @@ class Server:
 
     def _prompt_ids(self, prompt: str, name: str) -> list[int]:
         served = self.adapters.get(name)
+        if served is None:  # the base gets the prompt laid out as the loaded instruction adapters get it
+            served = next((a for a in self.adapters.values() if a.task.state.get("format") == "instruction"), None)
         if served is not None and served.task.state.get("format") == "instruction":
             return served.task.prompt_ids(self.tokenizer, prompt)
         return list(self.tokenizer(prompt)["input_ids"])
@@ -339,6 +341,8 @@ def _inject(model: nn.Module, served: dict[str, ServedAdapter]) -> Any:
     for name, adapter in served.items():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*already.*adapter")
+            # transformers' notice about its own renamed internals, raised inside peft: nothing to act on
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is_gradient_checkpointing")
             if peft_model is None:
                 peft_model = get_peft_model(model, adapter.lora_config, adapter_name=name)
             else:
