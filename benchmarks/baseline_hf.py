@@ -194,7 +194,8 @@ def main() -> None:
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    examples = collator.rows
+    # accelerate's data loader fetches one batch ahead, so a max_steps run collates one batch it never trains on
+    examples = min(collator.rows, steps * args.batch_size)
     if classification:
         predictions = trainer.predict(dev)
         metrics = {"accuracy": float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())}

@@ -3,9 +3,10 @@
     python benchmarks/run_peftkit.py RECIPE.yaml [--set KEY=VALUE ...]
 
 Trains through ``peftkit.training.train`` exactly as ``peftkit train`` does and prints one ``BENCH_RESULT``
-line. Two measurements peftkit does not save are taken here: the time spent in evaluation (peftkit's
-``training.seconds`` includes the evaluation at the end of each epoch, the baseline's ``trainer.train()`` does
-not, so it is timed and subtracted) and, on a GPU, the allocator's peak. Effective trainable parameters after
+line. Three measurements peftkit does not save, or not exactly, are taken here: the training rows seen (it
+saves examples/s rounded to 0.01), the time spent in evaluation (peftkit's ``training.seconds`` includes the
+evaluation at the end of each epoch, the baseline's ``trainer.train()`` does not, so it is timed and
+subtracted) and, on a GPU, the allocator's peak. Effective trainable parameters after
 AdaLoRA's pruning are counted from the model: each kept rank costs one row of A, one column of B and one
 singular value.
 """
@@ -55,6 +56,16 @@ def main() -> None:
             eval_seconds[0] += time.perf_counter() - started
 
     training.Evaluator.__call__ = timed_evaluate  # type: ignore[method-assign]
+    # training rows seen, counted exactly (peftkit saves examples/s rounded to 0.01, too coarse for slow runs);
+    # evaluation batches go through peftkit.evaluation's own name and are not counted
+    examples = [0]
+    device_batch = training.device_batch
+
+    def counted_batch(task: Any, tokenizer: Any, rows: Any, index: list[int], device: Any) -> Any:
+        examples[0] += len(index)
+        return device_batch(task, tokenizer, rows, index, device)
+
+    training.device_batch = counted_batch
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -66,7 +77,6 @@ def main() -> None:
     meta = result.metadata
     run = meta["training"]
     adapter = meta["adapter"]
-    examples = round((run["examples_per_second"] or 0) * run["seconds"])
     train_seconds = run["seconds"] - eval_seconds[0]
     trainable = adapter["trainable_parameters"]
     out: dict[str, Any] = {
@@ -78,8 +88,8 @@ def main() -> None:
         "base_memory_bytes": meta["base"]["memory_bytes"],
         "train_seconds": round(train_seconds, 3),
         "eval_seconds": round(eval_seconds[0], 3),
-        "examples": examples,
-        "examples_per_second": round(examples / train_seconds, 3) if train_seconds > 0 else None,
+        "examples": examples[0],
+        "examples_per_second": round(examples[0] / train_seconds, 3) if train_seconds > 0 else None,
         "optimizer_steps": run["optimizer_steps"],
         "device": run["device"],
         "gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
