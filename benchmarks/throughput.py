@@ -127,7 +127,7 @@ def throughput_sweep(args: argparse.Namespace, device: Any) -> list[dict[str, An
             for mode in ("train", "inference"):
                 seconds = time_steps(model, batch, seq_len, args.steps, mode == "train", device)
                 row = {"precision": precision, "mode": mode, "batch": batch, "seq_len": seq_len,
-                       "seconds_per_step": round(seconds, 5), "examples_per_second": round(batch / seconds, 2),
+                       "seconds_per_step": float(f"{seconds:.6g}"), "examples_per_second": round(batch / seconds, 2),
                        "tokens_per_second": round(batch * seq_len / seconds, 1)}
                 rows.append(row)
                 print(f"  {precision:<5} {mode:<9} batch {batch:>3} length {seq_len:>4}: "

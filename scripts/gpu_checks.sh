@@ -75,7 +75,7 @@ run() {  # run NAME SECONDS COMMAND...: a step with a time limit; a failure is r
 
 if [ "$MODE" != dry ]; then
   mkdir -p "$RESULTS" "$(dirname "$LOG")"; : > "$LOG"
-  if ls .whl/*.whl >/dev/null 2>&1; then
+  if [ "$MODE" = gpu ] && ls .whl/*.whl >/dev/null 2>&1; then  # built for the GPU image's Python 3.12
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       || { echo "Error: the wheels in .whl/ did not install; rerun scripts/gpu_checks.sh --prepare here" >&2; exit 1; }
     export PYTHONPATH="/tmp/site:$REPO${PYTHONPATH:+:$PYTHONPATH}"
