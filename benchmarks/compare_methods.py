@@ -325,6 +325,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                 write_results(folder, payload, "(in progress)")
             if args.ablation and task_name == args.tasks[0] and s == 0 and "lora" in args.methods:
                 records += run_pair(prepared, METHODS["lora"], seed, model, model_dir, work, args, True, "ungrouped")
+    import shutil
+
+    for bulky in ("adapters", "runs", "hf"):  # trained weights; the logs and recipes stay for reference
+        shutil.rmtree(work / bulky, ignore_errors=True)
     if report(folder, payload):
         raise SystemExit(1)
 
