@@ -193,6 +193,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     model.train()
     started = time.perf_counter()
     seconds_before = progress["train_seconds"]
+    # examples trained before a --resume count too, or examples/s would be this session's over the whole time
+    examples_before = progress.get("train_examples", 0)
     examples = 0
     metrics: dict[str, float] = {}
     running_loss, running_count = 0.0, 0
@@ -248,6 +250,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
             if step < plan.total_steps and ((t.save_every and step % t.save_every == 0) or
                                             (not t.save_every and end_of_epoch)):
                 progress["train_seconds"] = seconds_before + time.perf_counter() - started
+                progress["train_examples"] = examples_before + examples
                 weights, optimizer_state = training_state(model, unwrapped, optimizer, sharded)  # all processes
                 if main:
                     save_checkpoint(run_dir, step, weights, optimizer_state, scheduler, _resumable(progress, groups),
@@ -272,7 +275,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     saved_state = {"state_dict": accelerator.get_state_dict(model)} if sharded else {}
     if main:
         metadata = _metadata(recipe, plan, built, unwrapped, driver, base_fp, metrics, progress, seconds,
-                             examples, per_epoch, world, device)
+                             examples_before + examples, per_epoch, world, device)
         with staged_folder(target, overwrite=overwrite) as folder, warnings.catch_warnings():
             # peft flags the zero-size tensors of modules AdaLoRA pruned to rank 0 as unsharded ZeRO-3 leftovers
             warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
@@ -339,6 +342,7 @@ def _metadata(recipe: Recipe, plan: Plan, built: BuiltModel, model: Any, driver:
             "train_rows": len(plan.train_rows),
             "eval_rows": len(plan.eval_rows),
             "seconds": round(seconds, 2),
+            "examples": examples,
             "examples_per_second": round(examples / seconds, 2) if seconds > 0 else None,
             "device": str(device),
             "num_processes": world,
