@@ -35,6 +35,17 @@ def verify_files(folder: Path, metadata: dict[str, Any]) -> None:
             raise PeftkitError(f"{path} is corrupt (its checksum differs from the one saved); restore it or retrain")
 
 
+def check_same_base(base: BaseRef, metadata: dict[str, Any], who: str) -> None:
+    """Refuse a base whose weights are not those ``metadata``'s adapter was trained on."""
+    found = fingerprint(base.path)
+    if found != metadata["base"]["fingerprint"]:
+        raise PeftkitError(
+            f"{who} was trained on {metadata['base']['identity']} with weights "
+            f"{metadata['base']['fingerprint'][:19]}, but {base.identity} now has {found[:19]}; point "
+            "base.model at the original weights, or pass check_base=False if you know they are compatible"
+        )
+
+
 def load_trained(folder: str | Path, device: str = "auto", check_base: bool = True) -> LoadedAdapter:
     """The adapter in ``folder`` on its base model, ready for inference.
 
@@ -48,13 +59,7 @@ def load_trained(folder: str | Path, device: str = "auto", check_base: bool = Tr
     task = make_task(metadata["task"]["type"], metadata["task"]["options"], metadata["task"]["state"])
     base = resolve_base(recipe.base)
     if check_base:
-        found = fingerprint(base.path)
-        if found != metadata["base"]["fingerprint"]:
-            raise PeftkitError(
-                f"{folder.name} was trained on {metadata['base']['identity']} with weights "
-                f"{metadata['base']['fingerprint'][:19]}, but {base.identity} now has {found[:19]}; point "
-                "base.model at the original weights, or pass check_base=False if you know they are compatible"
-            )
+        check_same_base(base, metadata, folder.name)
     tokenizer = load_tokenizer(base, recipe.base)
     torch_device = pick_device(device)
     if recipe.adapter is None:  # full fine-tuning saved the whole model

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import PeftkitError
-from .models import describe_quantization, fingerprint, load_pretrained, load_tokenizer, memory_footprint, \
+from .models import describe_quantization, load_pretrained, load_tokenizer, memory_footprint, \
     pick_device, resolve_base
 from .quantized import freeze_quantized_layers
 from .registry import Registry
@@ -295,13 +295,9 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
     quantization = recipe.quantization if quantized else recipe.quantization.model_copy(update={"bits": None})
     base = resolve_base(recipe.base)
     if check_base:
-        found = fingerprint(base.path)
-        if found != first.metadata["base"]["fingerprint"]:
-            raise PeftkitError(
-                f"the adapters were trained on {first.metadata['base']['identity']} with weights "
-                f"{first.metadata['base']['fingerprint'][:19]}, but {base.identity} now has {found[:19]}; point "
-                "base.model at the original weights, or pass check_base=False if you know they are compatible"
-            )
+        from .loading import check_same_base
+
+        check_same_base(base, first.metadata, ", ".join(names))
     tokenizer = load_tokenizer(base, recipe.base)
     torch_device = pick_device(device)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM

@@ -249,3 +249,19 @@ def test_adapters_trained_on_four_bits_served_unquantized(registry):
     a, b = quantized.outputs(TEXTS[:4], names), plain.outputs(TEXTS[:4], names)
     assert all(x.shape == y.shape for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, b))  # really other weights, not the 4-bit ones
+
+
+def test_a_base_with_other_weights_is_refused(registry, tmp_path):
+    import json
+    import shutil
+
+    copy = Registry(tmp_path / "copy")
+    shutil.copytree(registry.folder("sentiment"), copy.root / "sentiment")
+    meta_file = copy.root / "sentiment" / "peftkit.json"
+    metadata = json.loads(meta_file.read_text())
+    metadata["base"]["fingerprint"] = "sha256:" + "0" * 64
+    meta_file.write_text(json.dumps(metadata))
+    with pytest.raises(PeftkitError, match=r"^sentiment was trained on .* with weights sha256:000000000000, but .* now "
+                                           r"has sha256:.*pass check_base=False"):
+        load_server(copy, ["sentiment"])
+    assert load_server(copy, ["sentiment"], check_base=False).names == ["sentiment"]
