@@ -29,6 +29,11 @@ from .snapshot import read_snapshot
 
 BASE = "base"
 _PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+def peft_name(index: int) -> str:
+    # registry names may hold '.', which torch refuses in module names: peft knows each adapter by position
+    return f"served{index}"
 Rows = Sequence[Union[str, dict[str, Any]]]
 
 
@@ -51,6 +56,7 @@ class Server:
         self.peft_model = peft_model
         self.tokenizer = tokenizer
         self.adapters = adapters
+        self.peft_names = {name: peft_name(i) for i, name in enumerate(adapters)}
         self.decoder = decoder
         self.base_bytes = base_bytes
         self.description = description
@@ -64,8 +70,9 @@ class Server:
         """Bytes of the shared base, and what each adapter adds (its LoRA weights and head)."""
         per_adapter = {}
         for name, served in self.adapters.items():
+            internal = f".{self.peft_names[name]}."
             lora = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
-                       if f".{name}." in n and ".lora_" in n)
+                       if internal in n and ".lora_" in n)
             head = sum(p.numel() * p.element_size() for p in served.head.parameters()) if served.head else 0
             per_adapter[name] = lora + head
         return {"base_bytes": self.base_bytes, "adapters": per_adapter,
@@ -89,7 +96,7 @@ class Server:
     @contextmanager
     def _routed(self, names: list[str]) -> Iterator[None]:
         """Inside: each row of the next forward passes goes through its own adapter's LoRA weights."""
-        peft_names = [_PEFT_BASE if n == BASE else n for n in names]
+        peft_names = [_PEFT_BASE if n == BASE else self.peft_names[n] for n in names]
         with self.peft_model.base_model._enable_peft_forward_hooks(adapter_names=peft_names):
             yield
 
@@ -334,17 +341,18 @@ def _inject(model: nn.Module, served: dict[str, ServedAdapter]) -> Any:
     from peft import get_peft_model, set_peft_model_state_dict
 
     peft_model = None
-    for name, adapter in served.items():
+    for index, (name, adapter) in enumerate(served.items()):
+        internal = peft_name(index)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*already.*adapter")
             # transformers' notice about its own renamed internals, raised inside peft: nothing to act on
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is_gradient_checkpointing")
             if peft_model is None:
-                peft_model = get_peft_model(model, adapter.lora_config, adapter_name=name)
+                peft_model = get_peft_model(model, adapter.lora_config, adapter_name=internal)
             else:
-                peft_model.add_adapter(name, adapter.lora_config)
-        result = set_peft_model_state_dict(peft_model, adapter.lora_weights, adapter_name=name)
-        missing = [k for k in result.missing_keys if f".{name}." in k and ".lora_" in k]
+                peft_model.add_adapter(internal, adapter.lora_config)
+        result = set_peft_model_state_dict(peft_model, adapter.lora_weights, adapter_name=internal)
+        missing = [k for k in result.missing_keys if f".{internal}." in k and ".lora_" in k]
         if result.unexpected_keys or missing:
             wrong = (result.unexpected_keys or missing)[0]
             raise PeftkitError(f"{name}: its weights do not fit the base model ({wrong}); it was trained on "

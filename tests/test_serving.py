@@ -265,3 +265,14 @@ def test_a_base_with_other_weights_is_refused(registry, tmp_path):
                                            r"has sha256:.*pass check_base=False"):
         load_server(copy, ["sentiment"])
     assert load_server(copy, ["sentiment"], check_base=False).names == ["sentiment"]
+
+
+def test_names_with_dots_are_served(registry, tmp_path):
+    import shutil
+
+    copy = Registry(tmp_path / "copy")
+    shutil.copytree(registry.folder("sentiment"), copy.root / "sentiment.v2")
+    shutil.copytree(registry.folder("topics"), copy.root / "topics")
+    server = load_server(copy, ["sentiment.v2", "topics"])
+    assert [p["adapter"] for p in server.predict(TEXTS[:2], ["sentiment.v2", "topics"])] == ["sentiment.v2", "topics"]
+    assert set(server.memory()["adapters"]) == {"sentiment.v2", "topics"} and all(server.memory()["adapters"].values())
