@@ -33,15 +33,25 @@ if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))
 
 
-def own_peak_rss_bytes() -> Optional[int]:
-    """This process's peak resident memory since its last exec (VmHWM), or None without /proc."""
+def _proc_status_bytes(field: str) -> Optional[int]:
+    """A memory figure of this process from /proc/self/status (``VmHWM``, ``VmRSS``), or None without /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def own_peak_rss_bytes() -> Optional[int]:
+    """This process's peak resident memory since its last exec (VmHWM)."""
+    return _proc_status_bytes("VmHWM")
+
+
+def current_rss_bytes() -> Optional[int]:
+    """This process's resident memory now (VmRSS)."""
+    return _proc_status_bytes("VmRSS")
 
 
 def emit_result(result: dict[str, Any]) -> None:

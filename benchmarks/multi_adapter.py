@@ -50,8 +50,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import SHARED_DATA, describe_machine, fail, fmt, machine_info, markdown_table, mib, own_peak_rss_bytes, \
-    results_dir, write_results
+from common import (SHARED_DATA, current_rss_bytes, describe_machine, fail, fmt, machine_info, markdown_table, mib,
+                    own_peak_rss_bytes, results_dir, write_results)
 
 SCRIPT = Path(__file__).resolve()
 WEIGHTS = "adapter_model.safetensors"
@@ -255,15 +255,6 @@ def check_mixed(server: Any, merged: dict[str, MergedModel], texts: list[str], b
 
 
 # ---- memory, in a child process per N ----------------------------------------------------------------------
-
-def current_rss_bytes() -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def server_memory(registry: Path, names: list[str], texts: list[str]) -> dict[str, Any]:
