@@ -163,7 +163,9 @@ class Server:
                 index = [chunk[g] for g in group]
                 for i, out in zip(index, self._forward([encoded[i] for i in index], [names[i] for i in index])):
                     results[i] = out
-        return [r for r in results if r is not None]
+        missing = [i for i, r in enumerate(results) if r is None]
+        assert not missing, f"rows {missing} got no output"  # every row is in exactly one batch group above
+        return results  # type: ignore[return-value]
 
     def _forward(self, encoded: list[Encoded], names: list[str]) -> list[torch.Tensor]:
         batch = self._pad(encoded)
