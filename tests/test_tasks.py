@@ -57,6 +57,23 @@ def test_lm_loss_counts_only_labelled_tokens():
     assert abs(metrics["loss"] - float(expected)) < 1e-6 and abs(metrics["perplexity"] - float(expected.exp())) < 1e-4
 
 
+def test_lm_loss_per_row_matches_transformers_loss():
+    # two rows of different label layouts: each row's loss is its own shifted tokens', and the batch loss equals
+    # transformers' causal-LM loss (which peftkit's avoids a logits-sized copy to match)
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    task = make_task("causal_lm", {})
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[IGNORE, 4, 2, 7, IGNORE], [IGNORE, IGNORE, IGNORE, 1, 9]])
+    outputs = type("Out", (), {"logits": logits})()
+    torch.testing.assert_close(task.loss(outputs, {"labels": labels}), ForCausalLMLoss(logits, labels, 11))
+    per_row = task.eval_batch(outputs, {"labels": labels})
+    assert per_row["tokens"].tolist() == [3, 2]
+    row1 = torch.nn.functional.cross_entropy(logits[1, 2:4], torch.tensor([1, 9]), reduction="sum")
+    torch.testing.assert_close(per_row["loss_sum"][1], row1)
+
+
 def test_macro_f1_against_hand_computed_values():
     # class 0: tp 1 fp 1 fn 1 -> 0.5; class 1: tp 1 fp 1 fn 1 -> 0.5; class 2: tp 1 -> 1.0
     assert abs(macro_f1([0, 1, 1, 0, 2], [0, 0, 1, 1, 2], 3) - (0.5 + 0.5 + 1.0) / 3) < 1e-9

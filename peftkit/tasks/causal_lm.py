@@ -150,9 +150,13 @@ class CausalLM(TaskHead):
     def _token_losses(outputs: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
         import torch.nn.functional as F
 
-        logits = outputs.logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+        # Shift the labels, not the logits: slicing logits[:, :-1] and transposing them for cross_entropy makes
+        # a copy the size of the logits (batch x length x vocabulary), the largest tensor of the step. Flat
+        # logits go to cross_entropy as they are, as transformers' own causal-LM loss does.
+        logits = outputs.logits.float()  # no copy when they are float32 already
+        targets = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                                 reduction="none").view_as(targets)
         return losses, targets != IGNORE
 
     def loss(self, outputs: Any, batch: dict[str, Any]) -> Any:
