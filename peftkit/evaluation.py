@@ -28,8 +28,8 @@ def collect(model: torch.nn.Module, task: Any, tokenizer: Any, rows: Any, batche
     parts: dict[str, list[torch.Tensor]] = {}
     for idx in batches:
         batch = device_batch(task, tokenizer, rows, idx, device)
-        outputs = model(**task.model_inputs(batch))
-        for key, value in task.eval_batch(outputs, batch).items():
+        # the outputs are not kept under a name: a causal LM's logits would live on through the next forward
+        for key, value in task.eval_batch(model(**task.model_inputs(batch)), batch).items():
             parts.setdefault(key, []).append(value.detach().cpu())
     if was_training:
         model.train()
