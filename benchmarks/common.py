@@ -112,6 +112,8 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         **{name: _version(name) for name in ("transformers", "peft", "bitsandbytes", "accelerate")},
         "git_commit": _git_commit(),
+        # glibc malloc settings change peak RSS a lot on CPU (see the README's Benchmarks section); runs inherit them
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
         "gpu": None,
     }
     if torch.cuda.is_available():
@@ -124,9 +126,11 @@ def machine_info() -> dict[str, Any]:
 def describe_machine(info: dict[str, Any]) -> str:
     gpu = f", GPU {info['gpu']['name']}" if info.get("gpu") else ", no GPU"
     load = "/".join(str(x) for x in info["load_average"])
+    malloc = info.get("malloc_env") or {}
+    allocator = "; malloc: " + " ".join(f"{k}={v}" for k, v in sorted(malloc.items())) if malloc else ""
     return (f"{info['cpu']}, {info['cores']} cores{gpu}, load average {load} at the start; torch {info['torch']}, "
             f"transformers {info['transformers']}, peft {info['peft']}, bitsandbytes {info['bitsandbytes']} "
-            f"({info['date']})")
+            f"({info['date']}){allocator}")
 
 
 def child_env(**extra: str) -> dict[str, str]:
