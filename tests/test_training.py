@@ -104,3 +104,14 @@ def test_same_seed_same_losses(recipe_for):
     other = train(build_recipe(recipe_for(adapter="lora", quant="4bit", output={"name": "seed-other"},
                                           train={"max_steps": 4, "eval_every": 2, "seed": 8})), **QUIET)
     assert other.metadata["history"][-1] != runs[0].metadata["history"][-1]
+
+
+def test_optimizer_is_fused_on_cpu(recipe_for):
+    # torch's default AdamW steps parameter by parameter on the CPU; fused (Trainer's default too) is one kernel
+    from peftkit.training import _optimizer
+
+    recipe = build_recipe(recipe_for(task="classification", quant="fp32", adapter="lora"))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
+    optimizer = _optimizer(model, recipe, head_modules=[])
+    assert optimizer.defaults["fused"] is True
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 4
