@@ -277,7 +277,33 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[str]:
                       ("training examples / s", series("examples_per_second")),
                       ("peak memory MiB", series("peak_bytes", factor=1 / 2**20))])
         paths.append(path.name)
-    return paths
+    ratios = ratio_plot(rows, folder)
+    return paths + ([ratios] if ratios else [])
+
+
+def ratio_plot(rows: list[dict[str, Any]], folder: Path) -> Optional[str]:
+    """Every task and method in one picture: peftkit's speed and peak memory over the baseline's, against the
+    issue's targets (at least 1.3x the speed, at most 1.0x the memory). None when no run had a baseline."""
+    from plots import grouped_bars
+
+    paired = [r for r in rows if r["tool"] == "peftkit" and r.get("vs_baseline")]
+    if not paired:
+        return None
+    tasks = list(dict.fromkeys(r["task"] for r in paired))
+    methods = [m for m in METHODS if any(r["method"] == m for r in paired)]
+
+    def series(key: str) -> dict[str, Any]:
+        out = {}
+        for task in tasks:
+            by_method = {r["method"]: r["vs_baseline"][key] for r in paired if r["task"] == task}
+            out[task] = ([by_method.get(m) for m in methods], [None] * len(methods))
+        return out
+
+    path = folder / "ratios.png"
+    grouped_bars(path, "peftkit over the hand-written baseline (mean over seeds)", [METHODS[m].label for m in methods],
+                 [("training speed vs baseline (x)", series("speedup")),
+                  ("peak memory vs baseline (x)", series("memory_ratio"))], targets=[1.3, 1.0])
+    return path.name
 
 
 def main(argv: Optional[list[str]] = None) -> None:

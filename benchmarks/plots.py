@@ -16,10 +16,12 @@ def _pyplot():
 
 
 def grouped_bars(path: Path, title: str, groups: Sequence[str],
-                 panels: Sequence[tuple[str, dict[str, tuple[list[Optional[float]], list[Optional[float]]]]]]) -> Path:
+                 panels: Sequence[tuple[str, dict[str, tuple[list[Optional[float]], list[Optional[float]]]]]],
+                 targets: Optional[Sequence[Optional[float]]] = None) -> Path:
     """One row of bar panels; each panel is ``(y label, {series: (values per group, error bars per group)})``.
 
-    A missing value (None) leaves a gap rather than a zero-height bar.
+    A missing value (None) leaves a gap rather than a zero-height bar; ``targets`` draws one dashed line per
+    panel (None: no line), for a target the bars are read against.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
@@ -28,12 +30,15 @@ def grouped_bars(path: Path, title: str, groups: Sequence[str],
         for k, (name, (values, errors)) in enumerate(series.items()):
             xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
             keep = [j for j, v in enumerate(values) if v is not None]
-            ax.bar([xs[j] for j in keep], [values[j] for j in keep], width,
-                   yerr=[errors[j] or 0.0 for j in keep], capsize=3, label=name)
+            spread = [errors[j] or 0.0 for j in keep] if any(errors[j] is not None for j in keep) else None
+            ax.bar([xs[j] for j in keep], [values[j] for j in keep], width, yerr=spread, capsize=3, label=name)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
+    for ax, target in zip(axes[0], targets or []):
+        if target is not None:
+            ax.axhline(target, color="black", linestyle="--", linewidth=1, label="target")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -91,6 +91,7 @@ def test_compare_methods_reports_every_run(tiny_dir: Path, data_root: Path, tmp_
     table = (out / "results.md").read_text()
     assert "| sst2 | AdaLoRA NF4 | peftkit |" in table and "speed vs baseline" in table
     assert (out / "sst2.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "ratios.png").read_bytes()[:8] == PNG_MAGIC and "ratios.png" in payload["plots"]
 
 
 def test_throughput_counts_what_the_quantized_layers_hold(tiny_dir: Path, tmp_path: Path) -> None:
