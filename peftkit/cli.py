@@ -44,16 +44,18 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @_set_option
-@click.option("--no-data", is_flag=True, help="Check the recipe alone, without reading its data files.")
+@click.option("--no-data", is_flag=True,
+              help="Check the recipe alone, without finding its base model or reading its data files.")
 @_friendly
 def validate(recipe: str, overrides: tuple[str, ...], no_data: bool) -> None:
     """Check RECIPE: every problem at once, each with its key path."""
     from .recipe import load_recipe
-    from .validate import check_data
+    from .validate import check_base, check_data
 
     loaded = load_recipe(recipe, overrides)
     if not no_data:
-        click.echo(check_data(loaded))
+        found = [check_base(loaded), check_data(loaded)]  # both checked before either is printed: one line on error
+        click.echo("\n".join(found))
     click.echo(f"{recipe}: ok")
 
 

@@ -208,3 +208,11 @@ def test_resume_without_a_checkpoint(recipe_for, write, tmp_path: Path):
     assert error_line("train", path, "--resume", *FAST) == (
         f"Error: --resume: no checkpoint in {tmp_path / 'runs' / 'tiny'}/checkpoints; run without --resume to start"
     )
+
+
+def test_validate_finds_the_base_model(recipe_for, write, tmp_path: Path):
+    missing = tmp_path / "no-such-model"
+    path = write("r.yaml", recipe_for(base={"model": str(missing)}))
+    assert error_line("validate", path) == f"Error: base.model: folder {missing} does not exist; check the path"
+    ok = invoke("validate", write("ok.yaml", recipe_for()))
+    assert ok.exit_code == 0 and ok.output.splitlines()[0].startswith("base: "), ok.output
