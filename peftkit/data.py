@@ -123,8 +123,9 @@ def _load_file(path: Path, data: DataSection, key: str) -> Any:
                 ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="paragraph",
                                            encoding=data.encoding)
         else:
+            encoding = {"encoding": data.encoding} if fmt == "json" else {}  # parquet stores its own
             with _quiet_datasets():
-                ds = datasets.load_dataset(fmt, data_files=files, split="train")
+                ds = datasets.load_dataset(fmt, data_files=files, split="train", **encoding)
     except PeftkitError:
         raise
     except Exception as exc:  # parse errors from pandas / pyarrow carry no file name

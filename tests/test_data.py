@@ -106,6 +106,18 @@ def test_json_list_and_json_lines(tmp_path: Path):
     assert rows_of(tmp_path / "lines.json", format="jsonl") == expected
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".txt"])
+def test_data_encoding_applies_to_every_text_format(tmp_path: Path, suffix: str):
+    text = "café crème"
+    content = {".csv": f"sentence,label\n{text},1\n", ".jsonl": json.dumps({"sentence": text, "label": 1},
+                                                                           ensure_ascii=False) + "\n",
+               ".txt": text + "\n"}[suffix]
+    path = tmp_path / f"latin{suffix}"
+    path.write_bytes(content.encode("latin-1"))
+    column = "text" if suffix == ".txt" else "sentence"
+    assert [value.strip() for value in rows_of(path, encoding="latin-1")[column]] == [text]
+
+
 def test_parquet(tmp_path: Path):
     import datasets
 
