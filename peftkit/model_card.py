@@ -97,9 +97,18 @@ def peft_task_type(metadata: dict[str, Any]) -> str:
     return task_types()[metadata["task"]["type"]].peft_task_type
 
 
-def _data_names(recipe: dict[str, Any]) -> list[str]:
+def _data_sets(recipe: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The recipe's data as (hub data set ids, local files): the card's ``datasets:`` key takes hub ids only, the
+    hub links each to its page; local files are named in the card's text instead."""
+    from .data import _BUILDERS
+
     data = recipe.get("data", {})
-    return list(dict.fromkeys(str(d) for d in (data.get("train"), data.get("eval")) if d))
+    locations = [str(source.get(key)) for source in (data, *data.get("also", [])) for key in ("train", "eval")
+                 if source.get(key)]
+    local = [loc for loc in locations
+             if loc.startswith((".", "/", "~")) or Path(loc).suffix.lower() in _BUILDERS or loc.count("/") > 1]
+    hub = [loc for loc in locations if loc not in local]
+    return list(dict.fromkeys(hub)), list(dict.fromkeys(local))
 
 
 def _tags(metadata: dict[str, Any], kind: str, quantized_to: Optional[str]) -> list[str]:
@@ -120,12 +129,16 @@ def render(metadata: dict[str, Any], kind: str, title: str, summary: str, snippe
 
     metrics = dict(metadata.get("metrics", {}))
     peft_type = peft_task_type(metadata)
+    hub_data, local_data = _data_sets(metadata["recipe"])
     card = ModelCardData(
         base_model=hub_base_id(metadata), library_name=library, tags=_tags(metadata, kind, quantized_to),
-        datasets=_data_names(metadata["recipe"]) or None, metrics=sorted(metrics) or None,
+        datasets=hub_data or None, metrics=sorted(metrics) or None,
         pipeline_tag=PIPELINE_TAGS.get(peft_type),
     )
     lines = ["---", card.to_yaml(), "---", "", f"# {title}", "", summary, ""]
+    if local_data:
+        lines += ["## Training data", "", "Local files, as the recipe named them:", ""]
+        lines += [f"- `{location}`" for location in local_data] + [""]
     if metrics:
         evaluated = metadata.get("training", {}).get("eval_rows")
         lines += [f"## Evaluation of the source adapter ({metadata['name']}"

@@ -74,6 +74,16 @@ def test_export_loads_in_a_fresh_process_with_the_same_predictions(adapters, nam
     assert "num_labels=2, id2label={0: '0', 1: '1'}" in card
     assert ("BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'" in card) == (name == "lora4")
     assert json.loads((out / "peftkit.json").read_text())["exported_from"] == name
+    # the data were local files: named in the text, not under the hub's datasets key (which links hub ids)
+    assert "datasets:" not in header and "## Training data" in card
+
+
+def test_card_lists_hub_data_sets_by_id_and_local_files_in_the_text():
+    from peftkit.model_card import _data_sets
+
+    recipe = {"data": {"train": "stanfordnlp/sst2", "eval": "data/dev.tsv",
+                       "also": [{"train": "/abs/rte/train.jsonl"}, {"train": "ag_news"}]}}
+    assert _data_sets(recipe) == (["stanfordnlp/sst2", "ag_news"], ["data/dev.tsv", "/abs/rte/train.jsonl"])
 
 
 def test_bad_input_is_one_line(adapters, tmp_path):
