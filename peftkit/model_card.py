@@ -38,7 +38,9 @@ def hub_base_id(metadata: dict[str, Any]) -> str:
 
 
 def label_kwargs(metadata: dict[str, Any]) -> Optional[str]:
-    labels = metadata["task"].get("state", {}).get("labels")
+    from .tasks.classification import display_labels
+
+    labels = display_labels(metadata["task"].get("state", {}))
     if not labels:
         return None
     id2label = {i: name for i, name in enumerate(labels)}

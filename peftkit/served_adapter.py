@@ -24,6 +24,7 @@ from .errors import PeftkitError
 from .recipe import Recipe
 from .snapshot import AdapterSnapshot
 from .tasks import TaskHead, make_task
+from .tasks.classification import display_labels
 
 LORA_MARK = ".lora_"
 
@@ -46,7 +47,7 @@ class ServedAdapter:
 
     @property
     def labels(self) -> list[str]:
-        return list(self.task.state.get("labels", []))
+        return display_labels(self.task.state)
 
 
 def _lora_weights(snapshot: AdapterSnapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -276,3 +276,19 @@ def test_names_with_dots_are_served(registry, tmp_path):
     server = load_server(copy, ["sentiment.v2", "topics"])
     assert [p["adapter"] for p in server.predict(TEXTS[:2], ["sentiment.v2", "topics"])] == ["sentiment.v2", "topics"]
     assert set(server.memory()["adapters"]) == {"sentiment.v2", "topics"} and all(server.memory()["adapters"].values())
+
+
+def test_label_names_are_what_predictions_and_id2label_show(tiny_dir, tmp_path):
+    data = make_recipe(tiny_dir, tmp_path, quant="4bit")
+    data["task"]["label_names"] = {0: "negative", 1: "positive"}  # the data's labels are 0 and 1
+    data["train"].update(max_steps=2, eval_at_start=False)
+    data["output"]["name"] = "named"
+    train(build_recipe(data), **QUIET)
+    registry = Registry(tmp_path / "adapters")
+    predictions = load_server(registry, ["named"]).predict(TEXTS[:2], adapter="named")
+    assert [set(p["probs"]) for p in predictions] == [{"negative", "positive"}] * 2
+    assert load_trained(registry.folder("named")).model.config.id2label == {0: "negative", 1: "positive"}
+
+    data["task"]["label_names"], data["output"]["name"] = {7: "seven"}, "other"
+    with pytest.raises(PeftkitError, match=r"task.label_names: '7' is not a label of the data \(0, 1\)"):
+        train(build_recipe(data), **QUIET)

@@ -22,8 +22,28 @@ def _label_key(value: Any) -> str:
     return str(value).strip()
 
 
+def display_labels(state: dict[str, Any]) -> list[str]:
+    """The labels as users read them: ``task.label_names`` where given (SST-2's 1 -> positive), else the data's."""
+    names = state.get("label_names") or {}
+    return [names.get(label, label) for label in state.get("labels", [])]
+
+
 class ClassificationOptions(HeadOptions):
     labels: Optional[list[str]] = Field(None, min_length=2, description="label names in id order; default sorted")
+    label_names: Optional[dict[str, str]] = Field(
+        None, description="names shown for the data's labels (predictions, id2label, cards), e.g. {0: negative}")
+
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _names_by_label(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        names = {_label_key(k): v for k, v in value.items()}
+        shown = [str(v) for v in names.values()]
+        repeated = sorted({n for n in shown if shown.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{repeated[0]!r} names two labels; give each label its own name")
+        return names
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -88,6 +108,12 @@ class Classification(TaskHead):
                     f"data.train: label {unknown[0]!r} is not in task.labels ({_shown(self.labels)}); "
                     "add it to task.labels or fix the data"
                 )
+        if self.options.label_names and "label_names" not in self.state:
+            stray = sorted(set(self.options.label_names) - set(self.labels))
+            if stray:
+                raise PeftkitError(f"task.label_names: {stray[0]!r} is not a label of the data ({_shown(self.labels)}); "
+                                   "name the data's labels as they appear in the label column")
+            self.state["label_names"] = dict(self.options.label_names)
         if len(self.labels) < 2:
             raise PeftkitError(f"data.train: only one label ({self.labels[0]!r}) in the training data; "
                                "classification needs at least two")
@@ -120,11 +146,12 @@ class Classification(TaskHead):
     def load_model(self, load: Callable[..., Any], tokenizer: Any) -> Any:
         from transformers import AutoModelForSequenceClassification
 
+        shown = display_labels(self.state)
         model = load(
             AutoModelForSequenceClassification,
-            num_labels=len(self.labels),
-            id2label=dict(enumerate(self.labels)),
-            label2id={name: i for i, name in enumerate(self.labels)},
+            num_labels=len(shown),
+            id2label=dict(enumerate(shown)),
+            label2id={name: i for i, name in enumerate(shown)},
         )
         if model.config.pad_token_id is None:  # decoder models pool at the last non-pad token
             model.config.pad_token_id = tokenizer.pad_token_id
