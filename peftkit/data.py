@@ -151,13 +151,19 @@ def _load_hub(repo_id: str, split: str, key: str) -> Any:
         ) from None
 
 
+def names_a_file(location: str) -> bool:
+    """Whether ``location`` is a local path (it exists, or is written as one) rather than a hub data set id."""
+    path = Path(location).expanduser()
+    return path.exists() or location.startswith((".", "/", "~")) or path.suffix.lower() in _BUILDERS
+
+
 def load_rows(location: str, data: DataSection, key: str, split: str) -> Any:
     path = Path(location).expanduser()
     if path.is_file():
         return _load_file(path, data, key)
     if path.exists():
         raise PeftkitError(f"{key}: {location} is a folder; name a data file")
-    if location.startswith((".", "/", "~")) or path.suffix.lower() in _BUILDERS:
+    if names_a_file(location):
         raise PeftkitError(f"{key}: file {location} does not exist; check the path")
     return _load_hub(location, split, key)
 

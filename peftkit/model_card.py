@@ -102,13 +102,12 @@ def peft_task_type(metadata: dict[str, Any]) -> str:
 def _data_sets(recipe: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The recipe's data as (hub data set ids, local files): the card's ``datasets:`` key takes hub ids only, the
     hub links each to its page; local files are named in the card's text instead."""
-    from .data import _BUILDERS
+    from .data import names_a_file
 
     data = recipe.get("data", {})
     locations = [str(source.get(key)) for source in (data, *data.get("also", [])) for key in ("train", "eval")
                  if source.get(key)]
-    local = [loc for loc in locations
-             if loc.startswith((".", "/", "~")) or Path(loc).suffix.lower() in _BUILDERS or loc.count("/") > 1]
+    local = [loc for loc in locations if names_a_file(loc)]
     hub = [loc for loc in locations if loc not in local]
     return list(dict.fromkeys(hub)), list(dict.fromkeys(local))
 
