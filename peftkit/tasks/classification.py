@@ -22,6 +22,11 @@ def _label_key(value: Any) -> str:
     return str(value).strip()
 
 
+def _first_repeated(values: list[str]) -> Optional[str]:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    return repeated[0] if repeated else None
+
+
 def display_labels(state: dict[str, Any]) -> list[str]:
     """The labels as users read them: ``task.label_names`` where given (SST-2's 1 -> positive), else the data's."""
     names = state.get("label_names") or {}
@@ -39,10 +44,9 @@ class ClassificationOptions(HeadOptions):
         if not isinstance(value, dict):
             return value
         names = {_label_key(k): v for k, v in value.items()}
-        shown = [str(v) for v in names.values()]
-        repeated = sorted({n for n in shown if shown.count(n) > 1})
-        if repeated:
-            raise ValueError(f"{repeated[0]!r} names two labels; give each label its own name")
+        repeated = _first_repeated([str(v) for v in names.values()])
+        if repeated is not None:
+            raise ValueError(f"{repeated!r} names two labels; give each label its own name")
         return names
 
     @field_validator("labels", mode="before")
@@ -52,9 +56,9 @@ class ClassificationOptions(HeadOptions):
         if not isinstance(value, list):
             return value
         names = [_label_key(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
-        repeated = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"{repeated[0]!r} is listed twice; list each label once")
+        repeated = _first_repeated([n for n in names if isinstance(n, str)])
+        if repeated is not None:
+            raise ValueError(f"{repeated!r} is listed twice; list each label once")
         return names
 
 
@@ -111,8 +115,8 @@ class Classification(TaskHead):
         if self.options.label_names and "label_names" not in self.state:
             stray = sorted(set(self.options.label_names) - set(self.labels))
             if stray:
-                raise PeftkitError(f"task.label_names: {stray[0]!r} is not a label of the data ({_shown(self.labels)}); "
-                                   "name the data's labels as they appear in the label column")
+                raise PeftkitError(f"task.label_names: {stray[0]!r} is not a label of the data "
+                                   f"({_shown(self.labels)}); name the data's labels as the label column writes them")
             self.state["label_names"] = dict(self.options.label_names)
         if len(self.labels) < 2:
             raise PeftkitError(f"data.train: only one label ({self.labels[0]!r}) in the training data; "
