@@ -5,6 +5,11 @@ scheduler states, every random generator, the position in the data, and AdaLoRA'
 checkpoint is written to a staging folder and renamed into place, so ``--resume`` only ever sees complete
 ones; the oldest are pruned to ``train.keep_checkpoints``. Only the main process writes; under FSDP the
 weights and optimizer state are first gathered from every process's shard, and scattered back on resume.
+
+Nothing in a checkpoint is a pickle, so a checkpoint someone else crafted cannot run code on ``--resume``:
+the states' tensors go to ``training.safetensors`` and everything else to ``training.json``, where tuples,
+non-text dict keys (the optimizer's parameter indices) and numpy arrays are spelled out (:func:`to_json`),
+so the states come back exactly as they were and a resumed run is byte-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 STATE_FILE = "trainer_state.json"
+TENSORS_FILE = "training.safetensors"
+TRAINING_FILE = "training.json"
+PICKLED_FILE = "training.pt"  # where earlier peftkit versions pickled the states; never loaded
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -92,37 +100,112 @@ def training_state(model: torch.nn.Module, unwrapped: torch.nn.Module, optimizer
     return weights, optimizer_state
 
 
+# How training.json spells what JSON has no word for; each is a one-key object. A dict whose keys are not all
+# text, or that has a key starting with "$", is written as a list of pairs so it cannot pass for one of these.
+_TENSOR, _TUPLE, _ITEMS, _ARRAY = "$tensor", "$tuple", "$items", "$ndarray"
+
+
+def to_json(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` as JSON data, its tensors moved into ``tensors`` (named by number) and referred to by name."""
+    import numpy as np
+
+    if isinstance(value, torch.Tensor):
+        name = str(len(tensors))
+        tensors[name] = value.detach().cpu().contiguous()
+        return {_TENSOR: name}
+    if isinstance(value, np.ndarray):
+        return {_ARRAY: [value.dtype.str, list(value.shape), value.ravel().tolist()]}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return {_TUPLE: [to_json(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [to_json(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+            return {k: to_json(v, tensors) for k, v in value.items()}
+        return {_ITEMS: [[to_json(k, tensors), to_json(v, tensors)] for k, v in value.items()]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a checkpoint cannot hold a {type(value).__name__}")  # a bug: every state is plain data
+
+
+def from_json(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`to_json`; a malformed value raises ValueError (or KeyError for a missing tensor)."""
+    import numpy as np
+
+    if isinstance(value, list):
+        return [from_json(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1 and next(iter(value)) in (_TENSOR, _TUPLE, _ITEMS, _ARRAY):
+        (mark, inner), = value.items()
+        if mark == _TENSOR:
+            return tensors[inner]
+        if mark == _TUPLE:
+            return tuple(from_json(v, tensors) for v in inner)
+        if mark == _ITEMS:
+            return {from_json(k, tensors): from_json(v, tensors) for k, v in inner}
+        dtype, shape, data = inner
+        if np.dtype(dtype).kind not in "biuf":
+            raise ValueError(f"numpy dtype {dtype!r}")
+        return np.array(data, dtype=dtype).reshape(shape)
+    return {k: from_json(v, tensors) for k, v in value.items()}
+
+
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                     scheduler: Any, progress: dict[str, Any], extra: dict[str, Any], keep: int) -> Path:
     from safetensors.torch import save_file
 
     target = checkpoint_dir(run_dir) / f"step-{step}"
+    tensors: dict[str, torch.Tensor] = {}
+    state = to_json({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                     "extra": extra}, tensors)
     with staged_folder(target, overwrite=True) as folder:
         save_file(weights, str(folder / "trainable.safetensors"))
-        torch.save(
-            {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state(),
-             "extra": extra},
-            folder / "training.pt",
-        )
+        save_file(tensors, str(folder / TENSORS_FILE))
+        (folder / TRAINING_FILE).write_text(json.dumps(state))
         (folder / STATE_FILE).write_text(json.dumps(progress, indent=2))
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, unwrapped: torch.nn.Module, optimizer: Any, scheduler: Any,
-                    sharded: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore a checkpoint in place, on every process; return (progress, extra)."""
+def check_format(path: Path) -> None:
+    """Refuse, without opening it, a checkpoint in the pickled format of earlier versions."""
+    if not (path / TRAINING_FILE).is_file() and (path / PICKLED_FILE).is_file():
+        raise PeftkitError(
+            f"checkpoint {path} holds its training state as a pickle ({PICKLED_FILE}, written by an earlier peftkit), "
+            "which can run code when loaded and is not read; start over with --overwrite"
+        )
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     from safetensors.torch import load_file
 
+    check_format(path)
     try:
         weights = load_file(str(path / "trainable.safetensors"))
-        blob = torch.load(path / "training.pt", weights_only=False)
+        tensors = load_file(str(path / TENSORS_FILE))
+        state = from_json(json.loads((path / TRAINING_FILE).read_text()), tensors)
         progress = json.loads((path / STATE_FILE).read_text())
+        if not all(isinstance(part, dict) for part in (state, progress, state.get("extra", {}))):
+            raise ValueError("not a mapping")
     except Exception as exc:
         raise PeftkitError(
             f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to resume from an earlier one"
         ) from None
+    return weights, state, progress
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, unwrapped: torch.nn.Module, optimizer: Any, scheduler: Any,
+                    sharded: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore a checkpoint in place, on every process; return (progress, extra)."""
+    weights, state, progress = _read(path)
     params = {n.replace(_FSDP_PREFIX, ""): p for n, p in unwrapped.named_parameters()}
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing or set(weights) - set(params):
@@ -130,20 +213,26 @@ def load_checkpoint(path: Path, model: torch.nn.Module, unwrapped: torch.nn.Modu
             f"checkpoint {path} does not match this recipe's model ({len(missing)} trainable tensors missing); "
             "resume with the recipe that started the run"
         )
-    if sharded:  # FSDP scatters the whole tensors to each process's shard
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    try:
+        if sharded:  # FSDP scatters the whole tensors to each process's shard
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        with _full_state_dict_type(model, rank0_only=False):
-            model.load_state_dict(weights, strict=False)
-            optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, blob["optimizer"]))
-    else:
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor.to(params[name].device))
-        optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
-    return progress, blob.get("extra", {})
+            with _full_state_dict_type(model, rank0_only=False):
+                model.load_state_dict(weights, strict=False)
+                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state["optimizer"]))
+        else:
+            with torch.no_grad():
+                for name, tensor in weights.items():
+                    params[name].copy_(tensor.to(params[name].device))
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+        raise PeftkitError(
+            f"checkpoint {path} does not fit this run ({type(exc).__name__}: {_first_line(exc)}); delete it to resume from an "
+            "earlier one, or start over with --overwrite"
+        ) from None
+    return progress, state.get("extra", {})
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -165,7 +254,8 @@ def resume_relevant(recipe: "Recipe") -> dict[str, Any]:
 
 
 def check_same_run(saved: Optional[dict[str, Any]], current: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint with a recipe that would compute something else."""
+    """Refuse to resume a checkpoint peftkit does not read, or with a recipe that would compute something else."""
+    check_format(checkpoint)
     if saved is None:
         return
     for section in sorted(set(saved) | set(current)):
