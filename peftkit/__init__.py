@@ -3,8 +3,11 @@
 ``import peftkit`` is cheap: torch, transformers and peft load only when a function that needs them runs.
 """
 
+from .cpu_paths import silence_kernel_hub_notice
 from .errors import PeftkitError, RecipeError
 from .recipe import Recipe, load_recipe
+
+silence_kernel_hub_notice()  # bitsandbytes' notice about an optional hub kernel; see cpu_paths
 
 __version__ = "0.1.0"
 

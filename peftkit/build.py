@@ -100,15 +100,19 @@ class BuiltModel:
     provenance: dict[str, Any] = field(default_factory=dict)  # where the adapter's start came from
 
 
-def load_base_for_task(recipe: Recipe, task: TaskHead, base: BaseRef, tokenizer: Any, device: Any) -> Any:
-    """The frozen base model with the task's head, quantized as the recipe says, guarded against drift."""
+def load_base_for_task(recipe: Recipe, task: TaskHead, base: BaseRef, tokenizer: Any, device: Any,
+                       packed_inference: bool = False) -> Any:
+    """The frozen base model with the task's head, quantized as the recipe says, guarded against drift.
+
+    ``packed_inference``: for a model that will only predict (see :func:`freeze_quantized_layers`).
+    """
 
     def load(auto_class: Any, **kwargs: Any) -> Any:
         return load_pretrained(auto_class, base, recipe.base, recipe.quantization, list(task.head_module_names),
                                device, **kwargs)
 
     model = task.load_model(load, tokenizer)
-    freeze_quantized_layers(model)
+    freeze_quantized_layers(model, packed_inference)
     return model
 
 

@@ -4,15 +4,21 @@ bitsandbytes' layers change their own state as a side effect of ``forward`` (bit
 ``bitsandbytes/nn/modules.py``):
 
 * ``Linear4bit.forward`` on a CPU with AVX512-BF16, in eval mode without grad, repacks ``weight.data`` and its
-  quant state into a CPU inference layout and keeps it. A training step taken after an evaluation pass then
-  runs on the repacked weights: its gradients differ from those of a model that never evaluated, and the
-  state dict (what is saved and merged later) changes.
+  quant state into a CPU inference layout and keeps it (see :mod:`peftkit.cpu_paths`). A training step taken
+  after an evaluation pass then runs on the repacked weights, in bfloat16: its gradients differ from those of a
+  model that never evaluated, and anything that reads ``weight.data`` directly (dequantizing, merging) reads
+  the packed layout.
 * ``Linear4bit`` and ``Linear8bitLt`` cast ``bias.data`` in place to the compute dtype on every call, so a
   float32 bias becomes bfloat16 for good after one forward pass with ``compute_dtype: bfloat16``.
 
 :func:`freeze_quantized_layers` turns the first off and makes the second act on a throw-away alias of the
 bias, so every forward computes the same numbers as before and the stored weights never change. peft and
 transformers do not guard against either; this is why peftkit does it here.
+
+A model that only ever predicts may keep the packed path (``packed_inference=True``): it is bitsandbytes'
+faster CPU kernel and what a plain peft user's model runs on such a CPU. Nothing may train, merge or save the
+base afterwards: taking its state dict unpacks the 4-bit codes byte for byte but re-quantizes double-quantized
+block scales (measured in tests/test_cpu_paths.py), so peftkit only ever saves adapters from such a model.
 """
 
 from __future__ import annotations
@@ -43,14 +49,17 @@ def _restore_bias(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         module.bias = stored
 
 
-def freeze_quantized_layers(model: nn.Module) -> int:
-    """Stop every bitsandbytes layer in ``model`` from rewriting its weights in forward; return how many."""
+def freeze_quantized_layers(model: nn.Module, packed_inference: bool = False) -> int:
+    """Stop every bitsandbytes layer in ``model`` from rewriting its weights in forward; return how many.
+
+    ``packed_inference`` leaves bitsandbytes' packed bfloat16 CPU path on for 4-bit layers (inference only).
+    """
     types_ = _quantized_linear_types()
     count = 0
     for module in model.modules():
         if not types_ or not isinstance(module, types_) or getattr(module, "_peftkit_frozen", False):
             continue
-        if hasattr(module, "support_avx512bf16_for_cpu"):
+        if hasattr(module, "support_avx512bf16_for_cpu") and not packed_inference:
             module.support_avx512bf16_for_cpu = False
         if module.bias is not None:
             module.register_forward_pre_hook(_alias_bias)

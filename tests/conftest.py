@@ -17,6 +17,26 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    from peftkit.cpu_paths import cpu_flags, cpu_model, describe_path, plain_peft_path
+
+    return (f"CPU: {cpu_model()}; AVX512/AMX flags: {' '.join(cpu_flags()) or 'none'}\n"
+            f"bitsandbytes 4-bit inference here: {plain_peft_path()} ({describe_path(plain_peft_path())})")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip only the packed 4-bit path's cases, and only where bitsandbytes cannot take that path."""
+    from peftkit.cpu_paths import cpu_model, packed_4bit_available
+
+    if packed_4bit_available():
+        return
+    skip = pytest.mark.skip(reason=f"bitsandbytes' packed 4-bit CPU path needs AVX512-BF16; this CPU "
+                                   f"({cpu_model()}) lacks the avx512_bf16 flag")
+    for item in items:
+        if "packed_cpu_4bit" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["PEFTKIT_CACHE"] = str(tmp_path_factory.mktemp("peftkit-cache"))

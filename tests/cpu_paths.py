@@ -1,0 +1,34 @@
+"""The two bitsandbytes CPU paths a 4-bit layer can take, for tests that compare peftkit with plain peft.
+
+A comparison is only exact when both sides run the same path (see :mod:`peftkit.cpu_paths`): tests take
+``path`` from :data:`PATHS`, put the plain side on it with :func:`put_on_path`, ask peftkit for it with
+``packed_inference=(path == PACKED_BF16)``, and say in their assertion message which path ran
+(:func:`path_ran`). The packed cases carry the ``packed_cpu_4bit`` marker: skipped, with the missing flag named,
+on a CPU without AVX512-BF16.
+"""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from peftkit.cpu_paths import DEQUANTIZED, PACKED_BF16
+from peftkit.quantized import freeze_quantized_layers
+
+PATHS = [DEQUANTIZED, pytest.param(PACKED_BF16, marks=pytest.mark.packed_cpu_4bit)]
+
+
+def put_on_path(model: nn.Module, path: str) -> nn.Module:
+    """A plain transformers/peft model takes the packed path by itself where it can; keep it off otherwise."""
+    if path == DEQUANTIZED:
+        freeze_quantized_layers(model)
+    return model
+
+
+def path_ran(model: nn.Module) -> str:
+    """Which path the model's 4-bit layers took in their last no-grad forward (packing is kept until saved)."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            return PACKED_BF16
+    return DEQUANTIZED
