@@ -6,7 +6,8 @@
   included (peft's ``modules_to_save``), so ``PeftModel.from_pretrained`` loads it without peftkit;
   for full fine-tuning, a transformers model folder instead;
 * ``peftkit.json``: the metadata that makes the folder self-describing (:func:`build_metadata`), with the
-  sha256 of every other file so that a corrupt copy is detected on load.
+  sha256 of every other file so that a corrupt copy is detected on load, and a digest of its own; its schema
+  (:mod:`peftkit.metadata`) is checked before it is written and every time it is read.
 
 Everything is written into a hidden staging folder beside the target and moved into place with one
 ``rename``; a crash leaves at most a ``.staging-*`` folder, never a partial adapter.
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 METADATA_FILE = "peftkit.json"
-FORMAT_VERSION = 1
 _LIBRARIES = ("peftkit", "torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate")
 
 
@@ -57,13 +57,15 @@ def file_checksums(folder: Path) -> dict[str, str]:
 
 
 def build_metadata(**fields: Any) -> dict[str, Any]:
+    from .metadata import FORMAT_VERSION
+
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
     return {"format_version": FORMAT_VERSION, "created": now, "versions": library_versions(), **fields}
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -94,18 +96,37 @@ def staged_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def seal(folder: Path, metadata: dict[str, Any]) -> None:
-    """Write ``peftkit.json`` with the checksums of the folder's files; the last file written."""
-    metadata = {**metadata, "files": file_checksums(folder)}
+    """Write ``peftkit.json`` with the checksums of the folder's files and its own digest; the last file written.
+
+    It is checked against the schema first, so that peftkit never writes metadata it would refuse to read.
+    """
+    from .errors import PeftkitError
+    from .metadata import DIGEST, digest, problems
+
+    # as it will be read back (tuples become lists); the digest is filled in once the rest is known to be valid
+    metadata = json.loads(json.dumps({**metadata, "files": file_checksums(folder), DIGEST: "0" * 64}))
+    found = problems(metadata)
+    if found:
+        raise PeftkitError(f"nothing was saved: the metadata of {metadata.get('name')} would not be valid "
+                           f"({'; '.join(found[:3])})")
+    metadata[DIGEST] = digest(metadata)
     write_json_atomic(folder / METADATA_FILE, metadata)
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def read_metadata(folder: Path) -> dict[str, Any]:
+    """The folder's ``peftkit.json``, validated (:func:`peftkit.metadata.validate`); one line when it is not."""
     from .errors import PeftkitError
+    from .metadata import validate
 
     path = folder / METADATA_FILE
     if not path.is_file():
         raise PeftkitError(f"{folder} has no {METADATA_FILE}: it is not a peftkit adapter (or was not finished)")
     try:
-        return json.loads(path.read_text())
-    except ValueError:
+        metadata = json.loads(path.read_text(), parse_constant=_no_constant)  # NaN and Infinity are not JSON
+    except ValueError:  # UnicodeDecodeError included
         raise PeftkitError(f"{path} is corrupt (not valid JSON); retrain or restore the adapter") from None
+    return validate(metadata, path)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from peftkit import training
 from peftkit.cli import main
+from peftkit.metadata import FORMAT_VERSION
 from peftkit.recipe import build_recipe
 from peftkit.training import train
 from tests.conftest import write_recipe
@@ -30,7 +31,7 @@ def test_train_writes_a_self_describing_adapter(recipe_for, tmp_path):
     folder = tmp_path / "adapters" / "cli"
     assert {p.name for p in folder.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "peftkit.json"}
     meta = json.loads((folder / "peftkit.json").read_text())
-    assert meta["name"] == "cli" and meta["format_version"] == 1
+    assert meta["name"] == "cli" and meta["format_version"] == FORMAT_VERSION
     assert meta["task"] == {"type": "classification", "options": {}, "state": {"labels": ["0", "1"]}}
     assert meta["base"]["fingerprint"].startswith("sha256:") and meta["base"]["quantization"]["bits"] == 4
     assert meta["adapter"]["method"] == "lora" and meta["adapter"]["head_modules"] == ["classifier"]

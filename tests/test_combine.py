@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from peftkit.artifacts import seal
 from peftkit.cli import main
 from peftkit.combine import combine, methods, uses_density
 from peftkit.errors import PeftkitError
@@ -87,13 +88,13 @@ def test_incompatible_parents_are_refused(registry, tmp_path):
     meta_path = tmp_path / "b" / "peftkit.json"
     meta = json.loads(meta_path.read_text())
     meta["task"]["state"]["labels"] = ["neg", "pos"]
-    meta_path.write_text(json.dumps(meta))
+    seal(meta_path.parent, meta)
     with pytest.raises(PeftkitError, match=r'^a and b have different label maps \(\["0", "1"\] and \["neg", "pos"\]\); '
                                            r"only adapters trained for the same task on the same base can be combined$"):
         combine(other, ["a", "b"], [0.5, 0.5], "linear", "x")
     meta["task"]["state"]["labels"] = ["0", "1"]
     meta["base"]["fingerprint"] = "sha256:" + "0" * 64
-    meta_path.write_text(json.dumps(meta))
+    seal(meta_path.parent, meta)
     with pytest.raises(PeftkitError, match=r"^a and b have different bases \(.* sha256:[0-9a-f]{12} and "
                                            r".* sha256:000000000000\)"):
         combine(other, ["a", "b"], [0.5, 0.5], "linear", "x")

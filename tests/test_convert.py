@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from peftkit.artifacts import seal
 from peftkit.cli import main
 from peftkit.convert import to_lora
 from peftkit.errors import PeftkitError
@@ -118,7 +119,7 @@ def test_cli_converts_and_warns_when_the_budget_was_never_reached(recipe_for, tm
     meta_path = tmp_path / "adapters" / "early" / "peftkit.json"
     meta = json.loads(meta_path.read_text())
     meta["adapter"]["adalora"]["target_budget"] -= 5
-    meta_path.write_text(json.dumps(meta))
+    seal(meta_path.parent, meta)
     result = runner.invoke(main, ["adalora", "to-lora", "early", "--name", "early-lora", "--registry", registry])
     assert result.exit_code == 0, result.output
     kept = meta["adapter"]["adalora"]["final_budget"]

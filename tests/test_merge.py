@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from peftkit import model_card
+from peftkit.artifacts import seal
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
 from peftkit.loading import load_trained
@@ -132,7 +133,7 @@ def test_bad_input_is_one_line(trained, tmp_path):
     shutil.copytree(trained["lora4"].folder("lora4"), copy)
     meta = json.loads((copy / "peftkit.json").read_text())
     meta["recipe"]["base"]["model"] = str(tmp_path / "gone")
-    (copy / "peftkit.json").write_text(json.dumps(meta))
+    seal(copy, meta)
     gone = CliRunner().invoke(main, ["merge", "lora4", "--out", str(tmp_path / "y"), "--registry", str(copy.parent)])
     assert gone.output == (f"Error: cannot merge lora4: its base is not available (base.model: folder "
                            f"{tmp_path / 'gone'} does not exist; check the path)\n")

@@ -9,6 +9,7 @@ import pytest
 
 from peftkit.artifacts import read_metadata, seal, staged_folder
 from peftkit.errors import PeftkitError
+from tests import tiny
 
 
 def test_import_is_cheap():
@@ -36,7 +37,7 @@ def test_overwrite_keeps_the_old_adapter_until_the_new_one_is_complete(tmp_path)
     target = tmp_path / "a"
     with staged_folder(target) as folder:
         (folder / "weights").write_text("old")
-        seal(folder, {"name": "a"})
+        seal(folder, tiny.adapter_metadata("a"))
     with pytest.raises(RuntimeError):
         with staged_folder(target, overwrite=True) as folder:
             (folder / "weights").write_text("new, half written")
@@ -44,7 +45,7 @@ def test_overwrite_keeps_the_old_adapter_until_the_new_one_is_complete(tmp_path)
     assert (target / "weights").read_text() == "old"
     with staged_folder(target, overwrite=True) as folder:
         (folder / "weights").write_text("new")
-        seal(folder, {"name": "a"})
+        seal(folder, tiny.adapter_metadata("a"))
     assert (target / "weights").read_text() == "new"
     assert read_metadata(target)["files"] == {"weights": __import__("hashlib").sha256(b"new").hexdigest()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

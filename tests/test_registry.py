@@ -16,12 +16,13 @@ from peftkit.loading import load_trained
 from peftkit.recipe import build_recipe
 from peftkit.registry import Registry
 from peftkit.training import train
+from tests import tiny
 
 
 def _register(root: str, name: str) -> None:
     with staged_folder(Path(root) / name) as folder:
         (folder / "adapter_model.safetensors").write_bytes(name.encode() * 100_000)
-        seal(folder, {"name": name})
+        seal(folder, tiny.adapter_metadata(name))
 
 
 def test_eight_processes_register_at_once(tmp_path):
@@ -62,7 +63,7 @@ def test_a_changed_base_is_refused(trained, tiny_dir):
     meta_path = trained.adapter_dir / "peftkit.json"
     meta = json.loads(meta_path.read_text())
     meta["base"]["fingerprint"] = "sha256:" + "0" * 64  # as if trained on other weights
-    meta_path.write_text(json.dumps(meta))
+    seal(meta_path.parent, meta)  # as peftkit would have written it
     with pytest.raises(PeftkitError, match=r"^tiny was trained on .* with weights sha256:000000000000, but .* now "
                                            r"has sha256:[0-9a-f]{12}; point base.model at the original weights"):
         load_trained(trained.adapter_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from peftkit.artifacts import seal
 from peftkit.errors import PeftkitError
 from peftkit.loading import load_trained
 from peftkit.recipe import build_recipe
@@ -260,7 +261,7 @@ def test_a_base_with_other_weights_is_refused(registry, tmp_path):
     meta_file = copy.root / "sentiment" / "peftkit.json"
     metadata = json.loads(meta_file.read_text())
     metadata["base"]["fingerprint"] = "sha256:" + "0" * 64
-    meta_file.write_text(json.dumps(metadata))
+    seal(meta_file.parent, metadata)
     with pytest.raises(PeftkitError, match=r"^sentiment was trained on .* with weights sha256:000000000000, but .* now "
                                            r"has sha256:.*pass check_base=False"):
         load_server(copy, ["sentiment"])

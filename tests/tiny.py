@@ -111,3 +111,20 @@ def write_text(path: Path, n_lines: int, seed: int) -> Path:
              for _ in range(n_lines)]
     path.write_text("\n\n".join(lines) + "\n")
     return path
+
+
+def adapter_metadata(name: str) -> dict:
+    """Valid metadata for a stand-in adapter folder that holds no model (for tests of the registry's files)."""
+    from peftkit.artifacts import build_metadata
+    from peftkit.recipe import build_recipe
+
+    recipe = build_recipe({"base": {"model": "stand-in"}, "task": {"type": "classification"},
+                           "data": {"train": "train.tsv"}, "output": {"name": name}})
+    return build_metadata(
+        name=name, task={"type": "classification", "options": {}, "state": {"labels": ["0", "1"]}},
+        base={"identity": "stand-in", "source": "local", "path": "stand-in", "fingerprint": "sha256:" + "0" * 64,
+              "dtype": "float32", "quantization": recipe.quantization.model_dump(mode="json"), "memory_bytes": 0},
+        adapter={"method": "lora", "targets": [], "head_modules": [], "trainable_parameters": 0,
+                 "total_parameters": 0},
+        metrics={}, key_metric=None, recipe=recipe.to_dict(), provenance={},
+    )
