@@ -10,7 +10,8 @@
   (:mod:`peftkit.metadata`) is checked before it is written and every time it is read.
 
 Everything is written into a hidden staging folder beside the target and moved into place with one
-``rename``; a crash leaves at most a ``.staging-*`` folder, never a partial adapter.
+``rename`` (:mod:`peftkit.staging`); a crash leaves at most a ``.staging-*`` folder, never a partial adapter,
+and the next write into the same folder sweeps it away.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import datetime as dt
 import hashlib
 import json
 import os
-import shutil
 import uuid
-from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from .staging import staged_folder  # noqa: F401  (writers import it from here)
 
 METADATA_FILE = "peftkit.json"
 _LIBRARIES = ("peftkit", "torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate")
@@ -67,32 +68,6 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n")
     os.replace(tmp, path)
-
-
-@contextmanager
-def staged_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it replaces ``target`` in one rename, else it is removed.
-
-    With ``overwrite``, an existing ``target`` is moved aside first and deleted only once the new folder is
-    in place, so at every instant either the old or the new adapter is there, complete.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".staging-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-        if target.exists():
-            if not overwrite:
-                raise FileExistsError(target)
-            trash = target.parent / f".trash-{target.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(target, trash)
-            os.replace(staging, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def seal(folder: Path, metadata: dict[str, Any]) -> None:

@@ -53,7 +53,8 @@ def test_overwrite_keeps_the_old_adapter_until_the_new_one_is_complete(tmp_path)
 
 def test_existing_target_is_refused_without_overwrite(tmp_path):
     (tmp_path / "a").mkdir()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(PeftkitError, match=r"^.*/a was created by another process while this one was written; "
+                                           r"nothing was replaced: choose another name, or pass --overwrite"):
         with staged_folder(tmp_path / "a"):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
