@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from .recipe import AdaLoraSection, LoraSection, Recipe, SectionProblems
+from .recipe import AdaLoraSection, LoraSection, Recipe, Refused, SectionProblems
 
 
 def _model_for_path(loc: tuple) -> tuple[Optional[type[BaseModel]], tuple]:
@@ -84,6 +84,8 @@ def describe_error(error: dict[str, Any]) -> list[str]:
         message = message.removeprefix("Value error, ")
         return [f"{path}: {message}"]
     value = error.get("input")
+    if isinstance(value, Refused):
+        return [f"{path}: {value.reason}"]
     shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
     return [f"{path}: {message[0].lower()}{message[1:]}{shown}"]
 
