@@ -171,19 +171,35 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     return target
 
 
-def check_format(path: Path) -> None:
-    """Refuse, without opening it, a checkpoint in the pickled format of earlier versions."""
+def _unreadable(path: Path, exc: Exception) -> PeftkitError:
+    return PeftkitError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to resume from an "
+                        "earlier one")
+
+
+def check_readable(path: Path) -> None:
+    """Refuse, before anything heavy, a checkpoint in the pickled format of earlier versions (never opened) or one
+    whose files are not what peftkit writes (the safetensors headers and the JSON are read, not the tensors)."""
+    from safetensors import safe_open
+
     if not (path / TRAINING_FILE).is_file() and (path / PICKLED_FILE).is_file():
         raise PeftkitError(
             f"checkpoint {path} holds its training state as a pickle ({PICKLED_FILE}, written by an earlier peftkit), "
             "which can run code when loaded and is not read; start over with --overwrite"
         )
+    try:
+        for name in ("trainable.safetensors", TENSORS_FILE):
+            with safe_open(str(path / name), framework="pt"):
+                pass
+        for name in (TRAINING_FILE, STATE_FILE):
+            json.loads((path / name).read_text())
+    except Exception as exc:
+        raise _unreadable(path, exc) from None
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     from safetensors.torch import load_file
 
-    check_format(path)
+    check_readable(path)
     try:
         weights = load_file(str(path / "trainable.safetensors"))
         tensors = load_file(str(path / TENSORS_FILE))
@@ -192,9 +208,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str
         if not all(isinstance(part, dict) for part in (state, progress, state.get("extra", {}))):
             raise ValueError("not a mapping")
     except Exception as exc:
-        raise PeftkitError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to resume from an earlier one"
-        ) from None
+        raise _unreadable(path, exc) from None
     return weights, state, progress
 
 
@@ -229,8 +243,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, unwrapped: torch.nn.Modu
         set_rng_state(state["rng"])
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
         raise PeftkitError(
-            f"checkpoint {path} does not fit this run ({type(exc).__name__}: {_first_line(exc)}); delete it to resume from an "
-            "earlier one, or start over with --overwrite"
+            f"checkpoint {path} does not fit this run ({type(exc).__name__}: {_first_line(exc)}); delete it to "
+            "resume from an earlier one, or start over with --overwrite"
         ) from None
     return progress, state.get("extra", {})
 
@@ -255,7 +269,7 @@ def resume_relevant(recipe: "Recipe") -> dict[str, Any]:
 
 def check_same_run(saved: Optional[dict[str, Any]], current: dict[str, Any], checkpoint: Path) -> None:
     """Refuse to resume a checkpoint peftkit does not read, or with a recipe that would compute something else."""
-    check_format(checkpoint)
+    check_readable(checkpoint)
     if saved is None:
         return
     for section in sorted(set(saved) | set(current)):

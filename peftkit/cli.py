@@ -156,19 +156,33 @@ _serve_options = [
 ]
 
 
+def _trust(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--trust-remote-code`` and ``--allow-pickle``, handed to the command as one ``trust`` dict of keyword
+    arguments for the library: the only way to switch either on for an adapter (its stored recipe never does)."""
+    @click.option("--trust-remote-code", is_flag=True,
+                  help="Run Python code shipped in the base model's folder (for bases that need it).")
+    @click.option("--allow-pickle", is_flag=True,
+                  help="Load a base whose weights are only pickles (pytorch_model.bin), which can run code.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, trust_remote_code: bool, allow_pickle: bool, **kwargs: Any) -> Any:
+        return fn(*args, trust={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}, **kwargs)
+
+    return wrapper
+
+
 def _serve(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(_serve_options):
         fn = option(fn)
     return fn
 
 
-def _server(registry: str, names: tuple[str, ...], unquantized: bool) -> Any:
+def _server(registry: str, names: tuple[str, ...], unquantized: bool, trust: dict[str, bool]) -> Any:
     from .serving import BASE, load_server
 
     adapters = [n for n in dict.fromkeys(names) if n != BASE]
     if not adapters:
         raise click.UsageError("name at least one registered adapter with --adapter")
-    server = load_server(registry, adapters, quantized=not unquantized)
+    server = load_server(registry, adapters, quantized=not unquantized, **trust)
     for name, info in server.description["adapters"].items():
         if info["trained_on"] != server.description["weights"]:
             click.echo(f"note: {name} was trained on a {info['trained_on']} base and is served on "
@@ -185,16 +199,18 @@ def _server(registry: str, names: tuple[str, ...], unquantized: bool) -> Any:
 @click.option("--column", "columns", multiple=True, metavar="ROLE=COLUMN", help="e.g. --column text=review")
 @click.option("--output", default=None, type=click.Path(dir_okay=False), help="Write JSON lines here (default stdout).")
 @_registry_option
+@_trust
 @_friendly
 def predict(texts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: bool, batch_size: int,
-            input_file: str | None, columns: tuple[str, ...], output: str | None, registry: str) -> None:
+            input_file: str | None, columns: tuple[str, ...], output: str | None, registry: str,
+            trust: dict[str, bool]) -> None:
     """Predict TEXTS (or --input rows) with every --adapter, in mixed batches on one base: JSON lines out."""
     from .predict_io import parse_columns, read_input, route, write_lines
 
     if bool(texts) == bool(input_file):
         raise click.UsageError("give texts on the command line or --input FILE (one of the two)")
     overrides = parse_columns(columns)
-    server = _server(registry, adapters_, unquantized)
+    server = _server(registry, adapters_, unquantized, trust)
     names = list(dict.fromkeys(adapters_))
     if input_file:
         fields, routed, numbers = route(server, names, read_input(input_file), input_file, overrides)
@@ -216,14 +232,15 @@ def predict(texts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: boo
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 @_registry_option
+@_trust
 @_friendly
 def generate(prompts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: bool, batch_size: int,
              max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None, as_json: bool,
-             registry: str) -> None:
+             registry: str, trust: dict[str, bool]) -> None:
     """Continue each of PROMPTS with every causal-LM --adapter, in one batch on one base."""
     import json
 
-    server = _server(registry, adapters_, unquantized)
+    server = _server(registry, adapters_, unquantized, trust)
     names = list(dict.fromkeys(adapters_))
     routed = [n for _ in prompts for n in names]
     asked = [p for p in prompts for _ in names]
@@ -242,8 +259,10 @@ def generate(prompts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: 
 @click.option("--group-by", default=None, metavar="COLUMN", help="Also report the metrics per value of COLUMN.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_registry_option
+@_trust
 @_friendly
-def eval_command(name: str, data_file: str, group_by: str | None, as_json: bool, registry: str) -> None:
+def eval_command(name: str, data_file: str, group_by: str | None, as_json: bool, registry: str,
+                 trust: dict[str, bool]) -> None:
     """Evaluate adapter NAME on a labelled file with its task's metrics."""
     import json
 
@@ -251,7 +270,7 @@ def eval_command(name: str, data_file: str, group_by: str | None, as_json: bool,
     from .loading import load_trained
     from .registry import Registry
 
-    loaded = load_trained(Registry(registry).folder(name))
+    loaded = load_trained(Registry(registry).folder(name), **trust)
     result = evaluate_file(loaded, data_file, group_by)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -282,16 +301,18 @@ def _folder_size(n_bytes: int) -> str:
 @click.option("--accept-drift", is_flag=True, help="Write the merged model even past --max-drift.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_registry_option
+@_trust
 @_friendly
 def merge_command(name: str, out: str, dtype: str | None, quantize: str | None, data_file: str | None, rows: int,
-                  max_drift: float | None, accept_drift: bool, force: bool, registry: str) -> None:
+                  max_drift: float | None, accept_drift: bool, force: bool, registry: str,
+                  trust: dict[str, bool]) -> None:
     """Merge adapter NAME into its base: a plain transformers model folder, with the drift measured."""
     from .merge import DEFAULT_MAX_DRIFT, merge
     from .registry import Registry
 
     result = merge(Registry(registry), name, out, dtype=dtype, quantize=quantize, data_file=data_file, rows=rows,
                    max_drift=DEFAULT_MAX_DRIFT if max_drift is None else max_drift, accept_drift=accept_drift,
-                   force=force, say=click.echo)
+                   force=force, say=click.echo, **trust)
     click.echo(f"saved {result.folder} ({_folder_size(result.size_bytes)})")
 
 
@@ -305,9 +326,10 @@ def merge_command(name: str, out: str, dtype: str | None, quantize: str | None, 
 @click.option("--name", "new_name", required=True, help="Name of the adapter to register.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing adapter of that name.")
 @_registry_option
+@_trust
 @_friendly
 def combine_command(names: tuple[str, ...], weights: str, method: str, density: float | None, svd_rank: int | None,
-                    seed: int, new_name: str, overwrite: bool, registry: str) -> None:
+                    seed: int, new_name: str, overwrite: bool, registry: str, trust: dict[str, bool]) -> None:
     """Combine registered adapters NAMES into a new registered adapter."""
     from .combine import combine
     from .registry import Registry
@@ -317,7 +339,7 @@ def combine_command(names: tuple[str, ...], weights: str, method: str, density: 
     except ValueError:
         raise click.ClickException(f"--weights: {weights!r} is not a comma-separated list of numbers, e.g. 0.5,0.5") from None
     folder = combine(Registry(registry), list(names), parsed, method, new_name, density=density, svd_rank=svd_rank,
-                     seed=seed, overwrite=overwrite, say=click.echo)
+                     seed=seed, overwrite=overwrite, say=click.echo, **trust)
     click.echo(f"registered {new_name} in {folder.parent}/ (evaluate it with: peftkit eval {new_name} --data FILE)")
 
 
@@ -329,11 +351,13 @@ def combine_command(names: tuple[str, ...], weights: str, method: str, density: 
               help="Run the model card's loading code and compare it with peftkit on N eval rows (0: skip).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_registry_option
+@_trust
 @_friendly
-def export_command(name: str, fmt: str, out: str, check: int, force: bool, registry: str) -> None:
+def export_command(name: str, fmt: str, out: str, check: int, force: bool, registry: str,
+                   trust: dict[str, bool]) -> None:
     """Export adapter NAME for tools without peftkit (peft format: PeftModel.from_pretrained on the plain base)."""
     from .export import export
     from .registry import Registry
 
-    result = export(Registry(registry), name, fmt, out, force=force, check_rows=check, say=click.echo)
+    result = export(Registry(registry), name, fmt, out, force=force, check_rows=check, say=click.echo, **trust)
     click.echo(f"saved {result['folder']} ({_folder_size(result['size_bytes'])})")

@@ -151,14 +151,18 @@ def combined_head(heads: list[dict[str, torch.Tensor]], weights: list[float], na
 
 def combine(registry: Registry, parents: list[str], weights: list[float], method: str, name: str,
             density: Optional[float] = None, svd_rank: Optional[int] = None, majority_sign: str = "total",
-            seed: int = 0, overwrite: bool = False, say: Callable[[str], None] = lambda line: None) -> Path:
-    """Register ``name``: the adapters ``parents`` combined by peft's ``method`` with ``weights``."""
+            seed: int = 0, overwrite: bool = False, say: Callable[[str], None] = lambda line: None,
+            trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+    """Register ``name``: the adapters ``parents`` combined by peft's ``method`` with ``weights``.
+
+    ``trust_remote_code`` and ``allow_pickle`` are the caller's alone, as for :func:`peftkit.loading.load_trained`.
+    """
     from peft import PeftConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import save_file
 
     from .build import load_base_for_task
-    from .models import load_tokenizer, resolve_base
+    from .models import load_tokenizer, resolve_base, user_trust
     from .recipe import Recipe
     from .tasks import make_task
 
@@ -175,6 +179,7 @@ def combine(registry: Registry, parents: list[str], weights: list[float], method
 
     first = entries[0].metadata
     recipe = Recipe.model_validate(first["recipe"])
+    recipe = recipe.model_copy(update={"base": user_trust(recipe.base, parents[0], trust_remote_code, allow_pickle)})
     # the combination only reads the adapters' matrices; a float base is enough to hold them
     recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"bits": None})})
     task = make_task(first["task"]["type"], first["task"]["options"], first["task"]["state"])

@@ -2,9 +2,12 @@
 
 ``peft`` format: the adapter's own peft files (task head included, as ``modules_to_save``), its base named
 portably in ``adapter_config.json`` (the hub id of a packaged base), the tokenizer, and a model card whose
-loading snippet is the exact transformers + peft code to use. The export checks itself by *running that
-snippet* (on the local copy of the base) and comparing its logits with peftkit's own loading of the adapter,
-so the card's code is known to work and to predict what peftkit predicts.
+loading snippet is the exact transformers + peft code to use. The export checks itself by loading the
+adapter as that snippet does (:func:`peftkit.model_card.peft_load`: the snippet's calls as fixed code on the
+same values, on the local copy of the base) and comparing its logits with peftkit's own loading of the
+adapter, so the card's code is known to work and to predict what peftkit predicts. No text is executed: the
+values come from the validated metadata, never code built from it (``tests/test_export.py`` runs the card's
+own text, in a fresh process).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any, Callable, Optional
 from .artifacts import build_metadata, seal, staged_folder
 from .errors import PeftkitError
 from .merge import check_output, folder_bytes, source_adapter
+from .models import user_trust
+from .recipe import BaseModelSection
 from .registry import Registry
 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -27,18 +32,12 @@ def formats() -> dict[str, Callable[..., dict[str, Any]]]:
     return {"peft": export_peft}
 
 
-def run_snippet(snippet: str) -> Any:
-    """Execute a model card's loading snippet and return the ``model`` it builds."""
-    namespace: dict[str, Any] = {}
-    exec(compile(snippet, "<model card snippet>", "exec"), namespace)  # noqa: S102 - our own generated code
-    return namespace["model"]
-
-
-def export_peft(folder: Path, metadata: dict[str, Any], staging: Path, out: Path) -> dict[str, Any]:
-    """Write the peft-format export of the adapter in ``folder`` into ``staging``; return what the card needs."""
+def export_peft(folder: Path, metadata: dict[str, Any], staging: Path, out: Path,
+                base_section: BaseModelSection) -> dict[str, Any]:
+    """Write the peft-format export of the adapter in ``folder`` into ``staging``; return what the card needs and
+    how to load the export as the card says (``load_plain``)."""
     from . import model_card
     from .models import load_tokenizer, resolve_base
-    from .recipe import BaseModelSection
 
     for name in PEFT_FILES:
         shutil.copyfile(folder / name, staging / name)
@@ -48,20 +47,23 @@ def export_peft(folder: Path, metadata: dict[str, Any], staging: Path, out: Path
     config["base_model_name_or_path"] = portable
     config["inference_mode"] = True
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-    base_section = BaseModelSection.model_validate(metadata["recipe"]["base"])
     base = resolve_base(base_section)
     load_tokenizer(base, base_section).save_pretrained(staging)
     task_type = model_card.peft_task_type(metadata)
     return {
         "snippet": model_card.peft_snippet(metadata, str(out), portable, task_type),
-        "check_snippet": model_card.peft_snippet(metadata, str(staging), str(base.path), task_type),
+        "load_plain": lambda: model_card.peft_load(metadata, str(staging), str(base.path), task_type),
         "base": portable,
     }
 
 
 def export(registry: Registry, source: str, fmt: str, out: str | Path, force: bool = False, check_rows: int = 16,
-           data_file: Optional[str] = None, say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """Export adapter ``source`` in format ``fmt`` to the folder ``out``; return a summary with the check."""
+           data_file: Optional[str] = None, say: Callable[[str], None] = lambda line: None,
+           trust_remote_code: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
+    """Export adapter ``source`` in format ``fmt`` to the folder ``out``; return a summary with the check.
+
+    ``trust_remote_code`` and ``allow_pickle`` are the caller's alone, as for :func:`peftkit.loading.load_trained`.
+    """
     from . import model_card
     from .drift import compare, describe, sample_inputs, scored_logits
     from .loading import load_trained
@@ -73,15 +75,17 @@ def export(registry: Registry, source: str, fmt: str, out: str | Path, force: bo
     folder, metadata = source_adapter(registry, source, action="export")
     check_output(out, force, [folder, registry.root])
     name = metadata["name"]
+    base_section = user_trust(BaseModelSection.model_validate(metadata["recipe"]["base"]), name, trust_remote_code,
+                              allow_pickle)
     with staged_folder(out, overwrite=force) as staging:
-        written = known[fmt](folder, metadata, staging, out)
+        written = known[fmt](folder, metadata, staging, out, base_section)
         check = None
         if check_rows > 0:
-            loaded = load_trained(folder)
+            loaded = load_trained(folder, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
             sample = sample_inputs(loaded, data_file, check_rows)
             reference = scored_logits(loaded.model, sample)
             loaded.model = None
-            plain = run_snippet(written["check_snippet"])
+            plain = written["load_plain"]()
             check = {"reference": f"{name} loaded by peftkit", "source": sample.source, "rows": sample.rows,
                      **compare(reference, scored_logits(plain, sample))}
             del plain

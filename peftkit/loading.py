@@ -10,7 +10,7 @@ from typing import Any
 from .artifacts import read_metadata, sha256_file
 from .build import load_base_for_task
 from .errors import PeftkitError
-from .models import BaseRef, fingerprint, load_tokenizer, pick_device, resolve_base
+from .models import BaseRef, fingerprint, load_tokenizer, pick_device, resolve_base, user_trust
 from .recipe import Recipe
 from .tasks import TaskHead, make_task
 
@@ -46,16 +46,20 @@ def check_same_base(base: BaseRef, metadata: dict[str, Any], who: str) -> None:
         )
 
 
-def load_trained(folder: str | Path, device: str = "auto", check_base: bool = True) -> LoadedAdapter:
+def load_trained(folder: str | Path, device: str = "auto", check_base: bool = True, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> LoadedAdapter:
     """The adapter in ``folder`` on its base model, ready for inference.
 
     ``check_base=False`` is the expert override for a base whose weights differ from the ones the adapter
     was trained on (a re-saved copy, say); by default that is refused.
+    ``trust_remote_code`` and ``allow_pickle`` are the caller's alone: whatever the adapter's stored recipe says,
+    it never switches them on (:func:`peftkit.models.user_trust`).
     """
     folder = Path(folder)
     metadata = read_metadata(folder)
     verify_files(folder, metadata)
     recipe = Recipe.model_validate(metadata["recipe"])
+    recipe = recipe.model_copy(update={"base": user_trust(recipe.base, folder.name, trust_remote_code, allow_pickle)})
     task = make_task(metadata["task"]["type"], metadata["task"]["options"], metadata["task"]["state"])
     base = resolve_base(recipe.base)
     if check_base:

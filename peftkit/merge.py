@@ -158,8 +158,12 @@ def folder_bytes(folder: Path) -> int:
 def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str] = None,
           quantize: Optional[str] = None, data_file: Optional[str] = None, rows: int = 64,
           max_drift: float = DEFAULT_MAX_DRIFT, accept_drift: bool = False, force: bool = False,
-          say: Callable[[str], None] = lambda line: None) -> MergeResult:
-    """Merge adapter ``source`` into its base and write a transformers model folder at ``out``."""
+          say: Callable[[str], None] = lambda line: None, trust_remote_code: bool = False,
+          allow_pickle: bool = False) -> MergeResult:
+    """Merge adapter ``source`` into its base and write a transformers model folder at ``out``.
+
+    ``trust_remote_code`` and ``allow_pickle`` are the caller's alone, as for :func:`peftkit.loading.load_trained`.
+    """
     from . import model_card
     from .loading import load_trained
     from .models import bnb_config, describe_quantization
@@ -174,7 +178,7 @@ def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str]
         raise PeftkitError(f"--max-drift: {max_drift} leaves no room even for float rounding; give a positive "
                            f"fraction (default {DEFAULT_MAX_DRIFT})")
     try:
-        loaded = load_trained(folder)
+        loaded = load_trained(folder, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     except PeftkitError as exc:
         if str(exc).startswith("base.model:"):
             raise PeftkitError(f"cannot merge {name}: its base is not available ({exc})") from None

@@ -4,6 +4,9 @@ its measured figures, and the exact code that loads it.
 The header is rendered by ``huggingface_hub.ModelCardData`` (the hub's own schema) rather than by hand.
 The loading snippet is generated from the same objects peftkit loads with (the ``BitsAndBytesConfig`` of
 :func:`peftkit.models.bnb_config`, the label map saved with the adapter), so it cannot drift from them.
+Its text is made from those objects through fixed spellings (a torch dtype by its name in torch, every
+other value by ``repr``), never from the metadata's text, so a crafted ``peftkit.json`` cannot put code in
+a card; and peftkit never runs the text: :func:`peft_load` is the snippet as a function, on the same values.
 """
 
 from __future__ import annotations
@@ -37,52 +40,75 @@ def hub_base_id(metadata: dict[str, Any]) -> str:
     return PACKAGED[identity].hub_id if identity in PACKAGED else identity
 
 
-def label_kwargs(metadata: dict[str, Any]) -> Optional[str]:
-    from .tasks.classification import display_labels
-
-    labels = display_labels(metadata["task"].get("state", {}))
-    if not labels:
-        return None
-    id2label = {i: name for i, name in enumerate(labels)}
-    label2id = {name: i for i, name in enumerate(labels)}
-    return f"num_labels={len(labels)}, id2label={id2label!r}, label2id={label2id!r}"
+def _dtype_code(dtype: Any) -> str:
+    return "torch." + str(dtype).removeprefix("torch.")  # a torch.dtype object, never a name from the metadata
 
 
-def bnb_config_code(metadata: dict[str, Any]) -> Optional[str]:
-    """``BitsAndBytesConfig(...)`` as Python source, exactly as peftkit built it for training; None when unquantized."""
-    from .models import bnb_config
-    from .recipe import QuantizationSection
+def bnb_config_code(config: Any) -> str:
+    """A ``BitsAndBytesConfig`` as Python source, exactly as peftkit built it for training."""
+    import torch
 
-    quant = QuantizationSection.model_validate(metadata["base"]["quantization"])
-    config = bnb_config(quant, list(metadata["adapter"].get("head_modules", [])))
-    if config is None:
-        return None
     if config.load_in_8bit:
         args = ["load_in_8bit=True"]
     else:
         args = ["load_in_4bit=True", f"bnb_4bit_quant_type={config.bnb_4bit_quant_type!r}",
-                f"bnb_4bit_use_double_quant={config.bnb_4bit_use_double_quant}",
-                f"bnb_4bit_compute_dtype=torch.{str(config.bnb_4bit_compute_dtype).removeprefix('torch.')}"]
+                f"bnb_4bit_use_double_quant={bool(config.bnb_4bit_use_double_quant)}",
+                f"bnb_4bit_compute_dtype={_dtype_code(config.bnb_4bit_compute_dtype)}"]
+        if config.bnb_4bit_quant_storage != torch.uint8:  # packed into a float dtype, for FSDP
+            args.append(f"bnb_4bit_quant_storage={_dtype_code(config.bnb_4bit_quant_storage)}")
     if config.llm_int8_skip_modules:
         args.append(f"llm_int8_skip_modules={list(config.llm_int8_skip_modules)!r}")
     return "BitsAndBytesConfig(" + ", ".join(args) + ")"
 
 
+def base_arguments(metadata: dict[str, Any]) -> list[list[tuple[str, Any, str]]]:
+    """The keyword arguments of the base's ``from_pretrained`` in the card's snippet, as ``(name, value, source)``,
+    one group per line of the snippet: the dtype, the label map, the quantization and where it runs."""
+    import torch
+
+    from .models import bnb_config, torch_dtype
+    from .recipe import QuantizationSection
+    from .tasks.classification import display_labels
+
+    dtype = torch_dtype(metadata["base"]["dtype"])
+    groups = [[("dtype", dtype, _dtype_code(dtype))]]
+    labels = display_labels(metadata["task"].get("state", {}))
+    if labels:
+        id2label = {i: name for i, name in enumerate(labels)}
+        label2id = {name: i for i, name in enumerate(labels)}
+        groups.append([("num_labels", len(labels), repr(len(labels))), ("id2label", id2label, repr(id2label)),
+                       ("label2id", label2id, repr(label2id))])
+    quant = QuantizationSection.model_validate(metadata["base"]["quantization"])
+    config = bnb_config(quant, list(metadata["adapter"].get("head_modules", [])))
+    if config is not None:
+        groups += [[("quantization_config", config, bnb_config_code(config))],
+                   [("device_map", {"": "cuda:0" if torch.cuda.is_available() else "cpu"},
+                     '{"": "cuda:0" if torch.cuda.is_available() else "cpu"}')]]
+    return groups
+
+
 def peft_snippet(metadata: dict[str, Any], folder: str, base: str, task_type: str) -> str:
     """Plain transformers + peft code that loads an exported adapter on its base."""
     auto = auto_class_name(task_type)
-    quant = bnb_config_code(metadata)
-    imports = [auto, "AutoTokenizer"] + (["BitsAndBytesConfig"] if quant else [])
-    kwargs = [f"dtype=torch.{metadata['base']['dtype']}"]
-    if label_kwargs(metadata):
-        kwargs.append(label_kwargs(metadata))
-    if quant:
-        kwargs += [f"quantization_config={quant}", 'device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"}']
+    groups = base_arguments(metadata)
+    quantized = any(name == "quantization_config" for group in groups for name, _, _ in group)
+    imports = [auto, "AutoTokenizer"] + (["BitsAndBytesConfig"] if quantized else [])
+    kwargs = [", ".join(f"{name}={source}" for name, _, source in group) for group in groups]
     args = ",\n    ".join([repr(base), *kwargs])
     return (f"import torch\nfrom peft import PeftModel\nfrom transformers import {', '.join(imports)}\n\n"
             f"base = {auto}.from_pretrained(\n    {args},\n)\n"
             f"model = PeftModel.from_pretrained(base, {folder!r}).eval()\n"
             f"tokenizer = AutoTokenizer.from_pretrained({folder!r})\n")
+
+
+def peft_load(metadata: dict[str, Any], folder: str, base: str, task_type: str) -> Any:
+    """The ``model`` that :func:`peft_snippet`'s code builds, built by this fixed code on the same arguments."""
+    import transformers
+    from peft import PeftModel
+
+    kwargs = {name: value for group in base_arguments(metadata) for name, value, _ in group}
+    plain = getattr(transformers, auto_class_name(task_type)).from_pretrained(base, **kwargs)
+    return PeftModel.from_pretrained(plain, folder).eval()
 
 
 def merged_snippet(folder: str, task_type: str, quantized: bool) -> str:

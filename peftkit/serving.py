@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import PeftkitError
 from .models import describe_quantization, load_pretrained, load_tokenizer, memory_footprint, \
-    pick_device, resolve_base
+    pick_device, resolve_base, user_trust
 from .quantized import freeze_quantized_layers
 from .registry import Registry
 from .served_adapter import ServedAdapter, prepare
@@ -268,11 +268,13 @@ class Server:
 
 
 def load_server(registry: Union[Registry, str], names: Sequence[str], device: str = "auto",
-                quantized: bool = True, check_base: bool = True) -> Server:
+                quantized: bool = True, check_base: bool = True, trust_remote_code: bool = False,
+                allow_pickle: bool = False) -> Server:
     """Load ``names`` from ``registry`` onto one base model.
 
     The base is loaded once, quantized as the adapters were trained (they must agree), or unquantized with
     ``quantized=False`` (for adapters trained on a 4/8-bit base; outputs then differ slightly from training's).
+    ``trust_remote_code`` and ``allow_pickle`` are the caller's alone, never read from the adapters' stored recipes.
     """
     registry = registry if isinstance(registry, Registry) else Registry(registry)
     if not names:
@@ -300,7 +302,8 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
                           for s, r in zip(snapshots, recipes))
         raise PeftkitError(f"the adapters were trained on differently loaded bases ({shown}); serve them in "
                            "separate servers, or unquantized (--unquantized / quantized=False)")
-    recipe = recipes[0]
+    trusted = [user_trust(r.base, s.name, trust_remote_code, allow_pickle) for s, r in zip(snapshots, recipes)]
+    recipe = recipes[0].model_copy(update={"base": trusted[0]})
     quantization = recipe.quantization if quantized else recipe.quantization.model_copy(update={"bits": None})
     base = resolve_base(recipe.base)
     if check_base:

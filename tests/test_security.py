@@ -1,0 +1,295 @@
+"""Nothing a user is handed runs code: a crafted checkpoint, adapter metadata, stored recipe or base folder is
+refused in one line, and the payload each one carries (it would create a marker file) never runs."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from peftkit.artifacts import read_metadata, seal
+from peftkit.checkpoint import from_json, to_json
+from peftkit.errors import PeftkitError
+from peftkit.export import export
+from peftkit.loading import load_trained
+from peftkit.metadata import FORMAT_VERSION, digest
+from peftkit.recipe import build_recipe
+from peftkit.registry import Registry
+from peftkit.training import train
+from tests.conftest import make_recipe, write_recipe
+from tests.test_cli_errors import error_line
+
+QUIET = {"echo": lambda line: None}
+
+
+class Payload:
+    """Unpickling this creates ``marker``: what a crafted pickle would do, harmlessly."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory) -> Path:
+    """A run of 4 steps with a checkpoint at step 2; returns its root (adapters/, runs/, recipe.yaml)."""
+    root = tmp_path_factory.mktemp("security")
+    data = make_recipe(tiny_dir, root, train={"max_steps": 4, "save_every": 2, "eval_at_start": False})
+    write_recipe(root / "recipe.yaml", data)
+    train(build_recipe(data), **QUIET)
+    return root
+
+
+@pytest.fixture
+def copy(trained, tmp_path) -> Path:
+    """A copy of the trained run, to tamper with: its root."""
+    shutil.copytree(trained, tmp_path / "run")
+    root = tmp_path / "run"
+    for moved in [root / "recipe.yaml", *root.glob("runs/*/checkpoints/*/trainer_state.json")]:
+        moved.write_text(moved.read_text().replace(str(trained), str(root)))
+    return root
+
+
+def _edit_metadata(folder: Path, edit, redigest: bool) -> None:
+    """Edit ``folder``'s peftkit.json in place; with ``redigest`` as someone who knows the format would."""
+    path = folder / "peftkit.json"
+    metadata = json.loads(path.read_text())
+    edit(metadata)
+    if redigest:
+        metadata["digest"] = digest(metadata)
+    path.write_text(json.dumps(metadata))
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+
+
+def _killed_before_save(root: Path) -> Path:
+    """The run as if killed after its checkpoint: no adapter yet; returns the checkpoint's folder."""
+    shutil.rmtree(root / "adapters" / "tiny")
+    return root / "runs" / "tiny" / "checkpoints" / "step-2"
+
+
+def test_a_pickled_checkpoint_of_the_old_format_is_refused_unread(copy):
+    checkpoint = _killed_before_save(copy)
+    marker = copy / "ran"
+    for name in ("training.json", "training.safetensors"):
+        (checkpoint / name).unlink()
+    (checkpoint / "training.pt").write_bytes(pickle.dumps(Payload(marker)))
+    assert error_line("train", copy / "recipe.yaml", "--resume") == (
+        f"Error: checkpoint {checkpoint} holds its training state as a pickle (training.pt, written by an earlier "
+        "peftkit), which can run code when loaded and is not read; start over with --overwrite")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("replaced", ["trainable.safetensors", "training.safetensors", "training.json"])
+def test_a_pickle_in_place_of_a_checkpoint_file_is_refused(copy, replaced):
+    checkpoint = _killed_before_save(copy)
+    marker = copy / "ran"
+    torch.save(Payload(marker), checkpoint / replaced)  # torch.load(weights_only=False) would run it
+    assert error_line("train", copy / "recipe.yaml", "--resume").startswith(
+        f"Error: checkpoint {checkpoint} is unreadable (")
+    assert not marker.exists()
+
+
+def test_training_states_round_trip_through_json_exactly():
+    import numpy as np
+
+    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}},
+             "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "params": [0]}],
+             "numpy": ("MT19937", np.arange(5, dtype=np.uint32), 2, 0, 0.1),
+             "looks like a mark": {"$tensor": "0"}}
+    tensors: dict[str, torch.Tensor] = {}
+    back = from_json(json.loads(json.dumps(to_json(state, tensors))), tensors)
+    assert back["state"][0]["exp_avg"] is tensors["1"] and torch.equal(back["state"][0]["step"], torch.tensor(3.0))
+    assert back["param_groups"] == state["param_groups"] and back["looks like a mark"] == {"$tensor": "0"}
+    assert back["numpy"][0] == "MT19937" and back["numpy"][1].dtype == np.uint32
+    assert np.array_equal(back["numpy"][1], state["numpy"][1]) and back["numpy"][2:] == (2, 0, 0.1)
+    with pytest.raises(ValueError, match="numpy dtype"):
+        from_json({"$ndarray": ["O", [1], [None]]}, {})
+
+
+# ---- metadata -------------------------------------------------------------------------------------------
+
+CODE = "float32), __import__('pathlib').Path({marker!r}).touch(), (0"  # closes the dtype argument of the old snippet
+
+
+@pytest.mark.parametrize("redigest", [False, True], ids=["edited", "edited-and-redigested"])
+def test_code_in_the_metadata_is_refused_before_export(copy, redigest):
+    folder, marker = copy / "adapters" / "tiny", copy / "ran"
+    _edit_metadata(folder, lambda m: m["base"].__setitem__("dtype", CODE.format(marker=str(marker))), redigest)
+    line = error_line("export", "tiny", "--out", copy / "out", "--registry", copy / "adapters")
+    if redigest:  # the schema, not the digest, is what stops someone who recomputes it
+        assert line == (f"Error: {folder / 'peftkit.json'} does not hold valid peftkit metadata (base.dtype: input "
+                        "should be 'float32', 'bfloat16' or 'float16'); restore the folder from a copy you trust, or "
+                        "retrain the adapter")
+    else:
+        assert line == (f"Error: {folder / 'peftkit.json'} was edited or is corrupt (its digest does not match its "
+                        "content); restore the folder from a copy you trust, or retrain the adapter")
+    assert not marker.exists() and not (copy / "out").exists()
+
+
+def test_text_from_the_metadata_reaches_the_card_as_data(copy):
+    """Label names are free text: in the card's code they are string literals, and nothing runs the code."""
+    folder, marker = copy / "adapters" / "tiny", copy / "ran"
+    crafted = f"0'}}); __import__('pathlib').Path({str(marker)!r}).touch(); ({{'"
+    _edit_metadata(folder, lambda m: m["task"]["state"].__setitem__("label_names", {"0": crafted}), redigest=True)
+    out = copy / "out"
+    result = export(Registry(copy / "adapters"), "tiny", "peft", out, check_rows=8)
+    assert result["check"]["max_rel_diff"] < 1e-6
+    card = (out / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    tree = ast.parse(code)
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    base_call = next(c for c in calls if any(k.arg == "id2label" for k in c.keywords))
+    id2label = next(k.value for k in base_call.keywords if k.arg == "id2label")
+    assert ast.literal_eval(id2label) == {0: crafted, 1: "1"}
+    assert len(tree.body) == 6  # three imports, base, model, tokenizer: nothing added
+    assert not marker.exists()
+
+
+def test_metadata_of_another_format_is_one_line(copy):
+    folder = copy / "adapters" / "tiny"
+    path = folder / "peftkit.json"
+    _edit_metadata(folder, lambda m: m.__setitem__("format_version", FORMAT_VERSION + 1), redigest=True)
+    with pytest.raises(PeftkitError, match=rf"^{path} is format {FORMAT_VERSION + 1}, written by a newer peftkit"):
+        read_metadata(folder)
+    _edit_metadata(folder, lambda m: m.__setitem__("format_version", 1), redigest=False)
+    with pytest.raises(PeftkitError, match=rf"^{path} is format 1, written by an earlier peftkit without a checksum"):
+        read_metadata(folder)
+
+
+def test_every_field_is_checked(copy):
+    folder = copy / "adapters" / "tiny"
+    original = json.loads((folder / "peftkit.json").read_text())
+    bad = {
+        "files.../../../etc/passwd.[key]: a file inside the folder": lambda m: m["files"].__setitem__(
+            "../../../etc/passwd", "0" * 64),
+        "name: adapter name '../x' is not allowed": lambda m: m.__setitem__("name", "../x"),
+        "adapter.head_modules.0: string should match pattern": lambda m: m["adapter"].__setitem__(
+            "head_modules", ["x')"]),
+        "recipe.quantization.bits: input should be 4 or 8": lambda m: m["recipe"]["quantization"].__setitem__(
+            "bits", 3),
+        "surprise: extra inputs are not permitted": lambda m: m.__setitem__("surprise", 1),
+        "task.type: value error, unknown task type": lambda m: m["task"].__setitem__("type", "nope"),
+    }
+    for expected, edit in bad.items():
+        (folder / "peftkit.json").write_text(json.dumps(original))
+        _edit_metadata(folder, edit, redigest=True)
+        with pytest.raises(PeftkitError) as caught:
+            read_metadata(folder)
+        assert expected.replace("value error, ", "") in str(caught.value), str(caught.value)
+    (folder / "peftkit.json").write_text(json.dumps({**original, "metrics": {"accuracy": float("nan")}}))
+    with pytest.raises(PeftkitError, match=r"peftkit.json is corrupt \(not valid JSON\)"):  # NaN is not JSON
+        read_metadata(folder)
+    (folder / "peftkit.json").write_text(json.dumps(original))
+    assert read_metadata(folder)["name"] == "tiny"
+
+
+def test_export_format_names_match_the_schema():
+    import typing
+
+    from peftkit.export import formats
+    from peftkit.metadata import ExportMetadata
+
+    assert typing.get_args(ExportMetadata.model_fields["format"].annotation) == tuple(formats())
+
+
+def test_what_peftkit_writes_is_checked_first(copy):
+    folder = copy / "adapters" / "tiny"
+    metadata = read_metadata(folder)
+    metadata["metrics"]["accuracy"] = float("nan")
+    with pytest.raises(PeftkitError, match=r"^nothing was saved: the metadata of tiny would not be valid "
+                                           r"\(metrics.accuracy: input should be a finite number\)$"):
+        seal(folder, metadata)
+
+
+# ---- remote code ----------------------------------------------------------------------------------------
+
+
+def _remote_code_base(tiny_dir: Path, root: Path, marker: Path) -> Path:
+    """The tiny BERT with Python code in its folder (config.json's auto_map) that creates ``marker`` on import."""
+    base = root / "remote-bert"
+    shutil.copytree(tiny_dir / "bert", base)
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nfrom transformers import BertConfig\n\n\n"
+        "class EvilConfig(BertConfig):\n    pass\n")
+    return base
+
+
+def test_a_stored_recipe_never_turns_remote_code_on(copy, tiny_dir, monkeypatch):
+    import transformers.dynamic_module_utils as dynamic
+
+    folder, marker = copy / "adapters" / "tiny", copy / "ran"
+    base = _remote_code_base(tiny_dir, copy, marker)
+
+    def remote(m: dict[str, Any]) -> None:
+        m["recipe"]["base"].update(model=str(base), trust_remote_code=True)
+
+    _edit_metadata(folder, remote, redigest=True)
+    refused = (f"Error: tiny was trained with base.trust_remote_code: true, so loading it runs code from {base}; "
+               "peftkit runs such code only when you ask: pass --trust-remote-code (trust_remote_code=True) if you "
+               "trust that model")
+    registry = ["--registry", copy / "adapters"]
+    assert error_line("predict", "good film", "--adapter", "tiny", *registry) == refused
+    assert error_line("eval", "tiny", "--data", tiny_dir / "cls_dev.tsv", *registry) == refused
+    assert error_line("export", "tiny", "--out", copy / "out", *registry) == refused
+    with pytest.raises(PeftkitError, match=r"^tiny was trained with base.trust_remote_code: true"):
+        load_trained(folder)
+    assert not marker.exists()
+
+    # the payload is live: with the user's own flag, and only then, transformers runs it
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(copy / "modules"))
+    with contextlib.suppress(Exception):
+        load_trained(folder, trust_remote_code=True)
+    assert marker.exists()
+
+
+def test_remote_code_is_off_unless_asked_even_when_the_stored_recipe_says_nothing(copy, tiny_dir):
+    folder, marker = copy / "adapters" / "tiny", copy / "ran"
+    base = _remote_code_base(tiny_dir, copy, marker)
+    _edit_metadata(folder, lambda m: m["recipe"]["base"].__setitem__("model", str(base)), redigest=True)
+    assert load_trained(folder).model is not None
+    assert not marker.exists()
+
+
+# ---- pickled bases --------------------------------------------------------------------------------------
+
+
+def test_a_base_with_only_pickled_weights_is_refused(tiny_dir, recipe_for, tmp_path):
+    base, marker = tmp_path / "pickled-bert", tmp_path / "ran"
+    shutil.copytree(tiny_dir / "bert", base)
+    (base / "model.safetensors").unlink()
+    torch.save(Payload(marker), base / "pytorch_model.bin")
+    path = write_recipe(tmp_path / "r.yaml", recipe_for(base={"model": str(base)}))
+    refused = (f"Error: base.model: {base} holds only pickled weights (pytorch_model.bin), which can run code when "
+               "loaded; convert them to safetensors, or set base.allow_pickle: true (--allow-pickle for a trained "
+               "adapter) if you trust the file")
+    assert error_line("validate", path) == refused
+    assert error_line("train", path) == refused
+    # opted in: torch's weights-only unpickler still refuses what is more than tensors
+    assert error_line("train", path, "--set", "base.allow_pickle=true") == (
+        f"Error: base.model: the pickled weights in {base} hold more than tensors, so torch's weights-only loader "
+        "refused them and nothing in them ran; get the model as safetensors from a source you trust")
+    assert not marker.exists()
+
+
+def test_a_broken_config_json_is_one_line(tiny_dir, recipe_for, tmp_path):
+    base = tmp_path / "broken-bert"
+    shutil.copytree(tiny_dir / "bert", base)
+    (base / "config.json").write_text('{"model_type": "bert",')
+    path = write_recipe(tmp_path / "r.yaml", recipe_for(base={"model": str(base)}))
+    assert error_line("validate", path) == (
+        f"Error: base.model: {base / 'config.json'} is not valid JSON (line 1: Expecting property name enclosed in "
+        "double quotes); restore the model's config.json")
