@@ -11,6 +11,7 @@ reports every problem at once, each with its key path, before anything heavy is 
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -39,8 +40,47 @@ class SectionProblems(ValueError):
         super().__init__("; ".join(f"{key}: {message}" for key, message in problems))
 
 
+# No count in a recipe needs more: a bigger one is a typo (or 99999999999999999999) that would overflow later.
+MAX_INT = 2**31 - 1
+
+
+class Refused:
+    """A recipe value refused before pydantic sees it, with the reason to report."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _expects(annotation: Any, kind: type) -> bool:
+    """Whether a field is typed ``kind`` or ``Optional[kind]`` (fields with a validator of their own are not)."""
+    return annotation is kind or set(typing.get_args(annotation)) == {kind, type(None)}
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are never a setting (`lr: .inf` would train to an all-NaN adapter)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_numbers(cls, data: Any) -> Any:
+        """Refuse true/false for a number (pydantic reads `epochs: true` as 1.0) and integers past MAX_INT.
+
+        The value is swapped for a :class:`Refused` that no number field accepts, so the field fails in its own
+        place, beside every other problem of the recipe (recipe_errors words it from the reason).
+        """
+        if not isinstance(data, dict):
+            return data
+        checked = dict(data)
+        for key, value in data.items():
+            field = cls.model_fields.get(key)
+            if field is None or not isinstance(value, (int, float)):
+                continue
+            integer = _expects(field.annotation, int)
+            if isinstance(value, bool) and (integer or _expects(field.annotation, float)):
+                checked[key] = Refused(f"must be a number, not {str(value).lower()}")
+            elif integer and not isinstance(value, bool) and abs(value) > MAX_INT:
+                checked[key] = Refused(f"must be at most {MAX_INT} (got {value!r})")
+        return checked
 
 
 class BaseModelSection(Section):
@@ -52,6 +92,13 @@ class BaseModelSection(Section):
     trust_remote_code: bool = Field(False, description="run the Python code shipped in the model's folder")
     allow_pickle: bool = Field(False, description="load pickled weights (pytorch_model.bin), which can run code, "
                                                   "when the folder has no safetensors")
+
+    @field_validator("model")
+    @classmethod
+    def _named(cls, model: str) -> str:
+        if not model.strip():
+            raise ValueError("empty; name a packaged model (minilm, smollm2-135m), a local model folder or a hub id")
+        return model
 
 
 class QuantizationSection(Section):
@@ -97,7 +144,7 @@ PhaseLength = Annotated[Union[StrictInt, float], BeforeValidator(_phase_length)]
 
 class LoraSection(Section):
     method: Literal["lora"] = "lora"
-    r: int = Field(8, ge=1)
+    r: int = Field(8, ge=1, le=4096)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: TargetModules = "all-linear"
@@ -121,8 +168,8 @@ class AdaLoraSection(Section):
     """
 
     method: Literal["adalora"] = "adalora"
-    init_r: int = Field(12, ge=1)
-    target_r: int = Field(8, ge=1, description="average final rank per adapted module")
+    init_r: int = Field(12, ge=1, le=4096)
+    target_r: int = Field(8, ge=1, le=4096, description="average final rank per adapted module")
     lora_alpha: float = Field(128.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: TargetModules = "all-linear"
@@ -198,7 +245,7 @@ class DataSource(Section):
 class DataSection(DataSource):
     """The first data set, plus any number of others (``also``) trained into the same adapter."""
 
-    max_length: int = Field(128, ge=8)
+    max_length: int = Field(128, ge=8, le=1_048_576)
     also: list[DataSource] = Field(default_factory=list, description="more data sets for the same adapter")
 
     def sources(self) -> list[DataSource]:
@@ -214,18 +261,18 @@ class DataSection(DataSource):
 
 
 class TrainSection(Section):
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, le=100_000)
     max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps; overrides epochs")
-    batch_size: int = Field(16, ge=1)
-    eval_batch_size: Optional[int] = Field(None, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1, le=65_536)
+    eval_batch_size: Optional[int] = Field(None, ge=1, le=65_536)
+    grad_accum: int = Field(1, ge=1, le=65_536)
     lr: float = Field(5e-4, gt=0)
     head_lr: Optional[float] = Field(None, gt=0, description="learning rate of the task head; default lr")
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="numpy takes seeds in [0, 2**32)")
     eval_every: Optional[int] = Field(None, ge=1, description="optimizer steps between evaluations; default each epoch")
     eval_at_start: bool = Field(False, description="evaluate the untrained model too, as step 0")
     log_every: int = Field(10, ge=1)
@@ -250,10 +297,10 @@ class OutputSection(Section):
     @field_validator("name")
     @classmethod
     def _check_name(cls, name: str) -> str:
-        from .naming import check_adapter_name
+        from .naming import check_new_adapter_name
 
         try:
-            return check_adapter_name(name)
+            return check_new_adapter_name(name)
         except PeftkitError as exc:
             raise ValueError(str(exc)) from None
 
@@ -297,10 +344,21 @@ class Recipe(Section):
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise PeftkitError(f"recipe file {path} is a folder; name a YAML recipe file")
     if not path.is_file():
         raise PeftkitError(f"recipe file {path} does not exist; check the path")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise PeftkitError(f"{path} is a binary file, not a YAML recipe; name the recipe's .yaml file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise PeftkitError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); save the recipe "
+                           "as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -341,6 +399,8 @@ def read_recipe_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]
     if not isinstance(parent, str):
         raise PeftkitError(f"{path}: extends must be a path to a recipe file, found {parent!r}")
     parent_path = path.parent / parent
+    if parent_path.is_dir():
+        raise PeftkitError(f"{path}: extends: {parent} is a folder ({parent_path}); name the parent recipe file")
     if not parent_path.is_file():
         raise PeftkitError(f"{path}: extends: {parent} does not exist (looked for {parent_path}); fix the path")
     return _deep_merge(read_recipe_tree(parent_path, (*_seen, path)), data)
