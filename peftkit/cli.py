@@ -104,7 +104,10 @@ def adapters_show(name: str, registry: str) -> None:
     """Everything in NAME's metadata, whether its files check out, and AdaLoRA's rank report."""
     from .views import describe
 
-    click.echo(describe(registry, name))
+    text, problem = describe(registry, name)
+    click.echo(text)
+    if problem is not None:
+        raise PeftkitError(f"{name}: {problem}")
 
 
 @adapters.command("rm")
@@ -264,16 +267,15 @@ def generate(prompts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: 
 def eval_command(name: str, data_file: str, group_by: str | None, as_json: bool, registry: str,
                  trust: dict[str, bool]) -> None:
     """Evaluate adapter NAME on a labelled file with its task's metrics."""
-    import json
-
     from .evaluation import evaluate_file
+    from .finite import dumps
     from .loading import load_trained
     from .registry import Registry
 
     loaded = load_trained(Registry(registry).folder(name), **trust)
     result = evaluate_file(loaded, data_file, group_by)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(dumps(result, indent=2))
         return
     show = lambda m: ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "rows")  # noqa: E731
     click.echo(f"{name} on {data_file} ({result['rows']} rows): {show(result['metrics'])}")

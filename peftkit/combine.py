@@ -28,6 +28,7 @@ import torch
 
 from .artifacts import build_metadata, seal, staged_folder
 from .errors import PeftkitError
+from .finite import check_finite, check_weights
 from .loading import verify_files
 from .registry import Entry, Registry
 
@@ -59,6 +60,7 @@ def _check_options(parents: list[str], weights: list[float], method: str, densit
     if len(weights) != len(parents):
         raise PeftkitError(f"--weights: {len(weights)} weights for {len(parents)} adapters; give one weight per "
                            "adapter, e.g. --weights " + ",".join([f"{1 / len(parents):.2g}"] * len(parents)))
+    check_weights(weights)
     if uses_density(method):
         if density is None or not 0 < density <= 1:
             raise PeftkitError(f"--density: {method} prunes each adapter to a fraction of its entries; give "
@@ -102,6 +104,7 @@ def lora_weights_and_config(entry: Entry) -> tuple[dict[str, torch.Tensor], dict
     verify_files(entry.folder, entry.metadata)
     config = json.loads((entry.folder / "adapter_config.json").read_text())
     weights = load_file(str(entry.folder / "adapter_model.safetensors"))
+    check_finite(weights.items(), entry.name, "it cannot be combined; retrain it (with a lower train.lr)")
     if config["peft_type"] == "ADALORA":
         weights, ranks = convert_weights(weights, config["lora_alpha"], config["init_r"])
         return weights, lora_config_for(config, ranks), True
@@ -168,8 +171,8 @@ def combine(registry: Registry, parents: list[str], weights: list[float], method
 
     _check_options(parents, weights, method, density)
     target = registry.target(name)
-    if target.exists() and not overwrite:
-        raise PeftkitError(f"adapter {name!r} already exists in {registry.root}/; choose another --name or pass --overwrite")
+    if not overwrite:
+        registry.refuse_existing(name, "choose another --name or pass --overwrite")
     entries = [registry.get(p) for p in parents]
     _check_compatible(entries)
     loaded = [lora_weights_and_config(e) for e in entries]
@@ -209,6 +212,7 @@ def combine(registry: Registry, parents: list[str], weights: list[float], method
     combined = {k: v.detach().cpu().contiguous() for k, v in
                 get_peft_model_state_dict(peft_model, adapter_name="combined").items()}
     combined.update(head)
+    check_finite(combined.items(), f"the combination of {', '.join(parents)}", "nothing was registered")
     config = peft_model.peft_config["combined"]
     config.modules_to_save = loaded[0][1].get("modules_to_save")
     config.task_type = loaded[0][1].get("task_type")

@@ -25,6 +25,7 @@ import torch
 
 from .artifacts import build_metadata, seal, staged_folder
 from .errors import PeftkitError
+from .finite import check_finite
 from .loading import verify_files
 from .registry import Registry
 
@@ -92,8 +93,8 @@ def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
         )
     verify_files(entry.folder, entry.metadata)
     target = registry.target(name)
-    if target.exists() and not overwrite:
-        raise PeftkitError(f"adapter {name!r} already exists in {registry.root}/; choose another --name or pass --overwrite")
+    if not overwrite:
+        registry.refuse_existing(name, "choose another --name or pass --overwrite")
     info = entry.metadata["adapter"]["adalora"]
     if info["final_budget"] != info["target_budget"]:
         warn(f"{source} stopped before its final budget ({info['final_budget']} ranks kept, target "
@@ -102,6 +103,8 @@ def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
     weights = load_file(str(entry.folder / "adapter_model.safetensors"))
     lora_weights, ranks = convert_weights(weights, adalora_config["lora_alpha"], adalora_config["init_r"])
     config = lora_config_for(adalora_config, ranks)
+    check_finite(lora_weights.items(), f"{source} converted to LoRA", f"{source} itself is damaged (check it with "
+                 f"`peftkit adapters show {source}`) or diverged in training; nothing was registered")
 
     kept = {m: r for m, r in ranks.items() if r > 0}
     recipe = dict(entry.metadata["recipe"])

@@ -33,6 +33,7 @@ import torch
 from .artifacts import METADATA_FILE, build_metadata, read_metadata, seal, staged_folder
 from .drift import Sample, compare, describe, sample_inputs, scored_logits
 from .errors import PeftkitError
+from .finite import check_finite
 from .registry import Registry
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -191,6 +192,8 @@ def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str]
     loaded.model = None  # the reference is taken; free the quantized copy before building the float one
 
     merged, rounding = merged_float_model(loaded, sample, device)
+    check_finite(merged.state_dict().items(), f"{name} merged into its base",
+                 f"{name} itself holds them or its base does; nothing was written")
     say(f"merged in float32 into the dequantized base: {describe(rounding)} against the unmerged adapter")
     auto_class = _auto_class(metadata)
     with staged_folder(out, overwrite=force) as staging:

@@ -8,13 +8,13 @@ the file has one, sends each row to the adapter it names; otherwise every row go
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .errors import PeftkitError
+from .finite import dumps
 from .serving import BASE, Server
 
 ROUTE_COLUMN = "adapter"
@@ -90,7 +90,7 @@ def route(server: Server, names: Sequence[str], rows: Any, source: str, override
 
 def write_lines(records: list[dict[str, Any]], output: Optional[str]) -> None:
     """JSON lines to ``output`` (written whole, then moved into place) or to stdout."""
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    text = "".join(dumps(r, ensure_ascii=False) + "\n" for r in records)  # a NaN probability prints as null
     if output is None:
         import click
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import random
 import shutil
 import time
@@ -29,10 +31,12 @@ from .checkpoint import (STATE_FILE, check_same_run, latest_checkpoint, list_che
 from .data import eval_batches, plan_batches, steps_per_epoch
 from .errors import PeftkitError
 from .evaluation import collect, device_batch, in_row_order, metrics_by_source
+from .finite import first_non_finite
 from .launch import check_launch, fit_fsdp_plugin
 from .models import describe_quantization, fingerprint, pick_device
 from .rank_report import HEATMAP_FILE, save_heatmap
 from .recipe import AdaLoraSection, Recipe
+from .registry import Registry
 
 
 @dataclass
@@ -53,13 +57,15 @@ def set_seed(seed: int) -> None:
 
 def check_destination(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, Path]:
     """Refuse, before any work, a run that would clobber or ignore what is already saved."""
-    target = Path(recipe.output.registry) / recipe.output.name
+    registry = Registry(recipe.output.registry)
+    target = registry.target(recipe.output.name)
     run_dir = Path(recipe.output.runs) / recipe.output.name
-    if target.exists() and not overwrite:
-        raise PeftkitError(
-            f"output.name: adapter {recipe.output.name!r} already exists in {target.parent}/; choose another "
-            "name (--set output.name=NEW) or pass --overwrite to replace it"
-        )
+    if not overwrite:
+        try:
+            registry.refuse_existing(recipe.output.name, "choose another name (--set output.name=NEW) or pass "
+                                                         "--overwrite to replace it")
+        except PeftkitError as exc:
+            raise PeftkitError(f"output.name: {exc}") from None
     checkpoints = list_checkpoints(run_dir)
     if resume and not checkpoints:
         raise PeftkitError(f"--resume: no checkpoint in {run_dir}/checkpoints; run without --resume to start")
@@ -133,9 +139,26 @@ def _format_metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
+def _diverged(what: str, step: int, recipe: Recipe, total: int) -> PeftkitError:
+    clip = "" if recipe.train.max_grad_norm else ", or set train.max_grad_norm to clip the gradient"
+    return PeftkitError(f"step {step}/{total}: {what}: training diverged; lower train.lr ({recipe.train.lr:g}){clip}, "
+                        "or check the data for extreme or empty rows; no adapter was saved")
+
+
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
           echo: Callable[[str], None] = print) -> TrainResult:
-    """Run a recipe end to end: plan, load, train with evaluation and checkpoints, save the adapter."""
+    """Run a recipe end to end: plan, load, train with evaluation and checkpoints, save the adapter.
+
+    The adapter's name is reserved in the registry for the whole run (by the main process), so a second run
+    of the same name fails at once instead of training to the end and finding the name taken.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: the main process holds the name
+        return _train(recipe, resume, overwrite, echo)
+    with Registry(recipe.output.registry).reserve(recipe.output.name, "output.name"):
+        return _train(recipe, resume, overwrite, echo)
+
+
+def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], None]) -> TrainResult:
     from accelerate import Accelerator
 
     # bitsandbytes warns on every 8-bit matmul that float32 inputs go through float16; once is enough
@@ -183,7 +206,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
             driver.load_allocator_state(extra["adalora"])
         say(f"resumed from {checkpoint} at step {progress['step']}")
     elif overwrite and main and run_dir.exists():
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoints and TensorBoard events: the run is replaced
 
     writer = _tensorboard(run_dir) if main else None
     evaluate = Evaluator(plan, t.eval_batch_size or t.batch_size, device, rank, world, sharded)
@@ -217,11 +240,17 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
                     # alive through this backward and the next forward
                     loss = plan.task.loss(model(**plan.task.model_inputs(batch)), batch)
                     accelerator.backward(loss / len(group))
-                running_loss += float(loss.detach())
+                value = float(loss.detach())  # one sync per micro-batch, which the running loss needs anyway
+                if not math.isfinite(value):
+                    raise _diverged(f"the loss is {value}", progress["step"] + 1, recipe, plan.total_steps)
+                running_loss += value
                 running_count += 1
                 examples += len(idx)
             if t.max_grad_norm:  # through accelerate: under FSDP the norm is summed over every process's shard
-                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                if norm is not None and not math.isfinite(float(norm)):  # one sync per optimizer step
+                    raise _diverged(f"the gradient norm is {float(norm)}", progress["step"] + 1, recipe,
+                                    plan.total_steps)
             if driver is not None and recipe.adapter.orth_reg_weight > 0:
                 # after the clip, so the clip measures the task gradient alone (see adalora.py)
                 with accelerator.no_sync(model) if world > 1 else contextlib.nullcontext():
@@ -280,6 +309,12 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     # under FSDP the whole state dict is gathered to the main process, and every process must take part
     saved_state = {"state_dict": accelerator.get_state_dict(model)} if sharded else {}
     if main:
+        trained = saved_state["state_dict"].items() if sharded else \
+            ((n, p.detach()) for n, p in unwrapped.named_parameters() if p.requires_grad)
+        bad = first_non_finite(trained)  # the last update can break the weights with no loss left to show it
+        if bad is not None:
+            raise _diverged(f"the trained weights hold NaN or infinite values (in {bad})", progress["step"], recipe,
+                            plan.total_steps)
         metadata = _metadata(recipe, plan, built, unwrapped, driver, base_fp, metrics, progress, seconds,
                              examples_before + examples, per_epoch, world, device)
         with staged_folder(target, overwrite=overwrite) as folder, warnings.catch_warnings():

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import PeftkitError
+from .finite import check_finite
 from .recipe import Recipe
 from .registry import Registry
 from .tasks import TaskHead
@@ -32,6 +33,7 @@ def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: li
             "`peftkit adalora to-lora`)"
         )
     weights = load_file(str(entry.folder / "adapter_model.safetensors"))
+    check_finite(weights.items(), f"{key}: {source}", "it cannot start another adapter; retrain it")
     head = _head_decision(recipe.adapter.init_head, entry.metadata, task, source)
     if head == "reinit":  # peft loads the head with the adapter: hand it this model's fresh head instead
         weights = {k: v for k, v in weights.items() if not any(f".{h}." in k for h in head_modules)}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .errors import PeftkitError
+from .finite import dumps
 from .loading import verify_files
 from .rank_report import HEATMAP_FILE, report
 from .registry import Registry, key_metric
@@ -55,17 +55,20 @@ def listing(root: str | Path) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def describe(root: str | Path, name: str) -> str:
+def describe(root: str | Path, name: str) -> tuple[str, Optional[str]]:
+    """Everything about adapter ``name``, and what is wrong with its files (None when they check out)."""
     entry = Registry(root).get(name)
     m = entry.metadata
+    problem = None
     try:
         verify_files(entry.folder, m)
         integrity = f"ok ({len(m.get('files', {}))} files match their checksums)"
     except PeftkitError as exc:
+        problem = str(exc)
         integrity = f"FAILED: {exc}"
     shown = {k: v for k, v in m.items() if k not in ("recipe", "files", "history")}
     lines = [f"{name}  ({entry.folder}, {_size(entry.size_bytes)})", f"files: {integrity}"]
-    lines.append(json.dumps(shown, indent=2))
+    lines.append(dumps(shown, indent=2))
     if m.get("history"):
         lines.append("eval history: " + "; ".join(
             f"step {h['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in h.items() if k != "step")
@@ -74,7 +77,7 @@ def describe(root: str | Path, name: str) -> str:
         lines.append(report(m))
         if (entry.folder / HEATMAP_FILE).is_file():
             lines.append(f"heatmap: {entry.folder / HEATMAP_FILE}")
-    return "\n".join(lines)
+    return "\n".join(lines), problem
 
 
 def conversion_summary(registry: Registry, source: str, name: str) -> str:
