@@ -32,12 +32,17 @@ class RawData:
     eval_parts: list[tuple[str, Any]] = field(default_factory=list)  # (data set name, its eval rows)
 
 
-def _format_of(path: Path, data: DataSection) -> str:
+def _format_of(path: Path, data: DataSection, key: str) -> str:
     if data.format != "auto":
         return "json" if data.format == "jsonl" else data.format
+    if not path.suffix:
+        return "txt"  # extension-less text files (tiny-shakespeare style) are text
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
-        return "txt"  # extension-less text files (tiny-shakespeare style, msr_paraphrase_test.txt) are text
+        *known, last = (s.lstrip(".") for s in _BUILDERS)
+        hint = ", or set data.format" if key.startswith("data") else ""
+        raise PeftkitError(f"{key}: {path} ends in {path.suffix}, which is not a data format peftkit reads; give a "
+                           f"{', '.join(known)} or {last} file{hint}")
     return builder
 
 
@@ -99,7 +104,7 @@ def _load_file(path: Path, data: DataSection, key: str) -> Any:
 
     datasets.disable_progress_bars()
 
-    fmt = _format_of(path, data)
+    fmt = _format_of(path, data, key)
     files = {"train": str(path)}
     try:
         if fmt in ("csv", "tsv"):
@@ -168,6 +173,27 @@ def load_rows(location: str, data: DataSection, key: str, split: str) -> Any:
     return _load_hub(location, split, key)
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or \
+        (isinstance(value, str) and not value.strip())
+
+
+def check_filled(rows: Any, columns: dict[str, str], roles: tuple[str, ...], source: str, key: str) -> None:
+    """Refuse an empty cell in a column the task needs (an empty label, a row cut short), naming its row.
+
+    Rows count from 1 below the header, as in the label errors; pandas reads an empty cell as a null, which
+    would otherwise become the label ``None`` (a class of its own) or the text "None".
+    """
+    for role in roles:
+        column = columns.get(role)
+        if column is None:
+            continue
+        row = next((i for i, value in enumerate(rows[column]) if _missing(value)), None)
+        if row is not None:
+            raise PeftkitError(f"{key}: {source}: row {row + 1} has no {role} (column {column!r} is empty there, or "
+                               "the row is short); fill it in or remove the row")
+
+
 def _to_roles(ds: Any, columns: dict[str, str]) -> Any:
     ds = ds.select_columns(list(dict.fromkeys(columns.values())))
     renames = {column: role for role, column in columns.items() if column != role}
@@ -181,9 +207,11 @@ def _load_source(source: DataSource, task: TaskHead, seed: int, key: str) -> tup
     """(train, eval, where the eval rows came from, rows to learn the labels from), role-named, of one data set."""
     train = load_rows(source.train, source, f"{key}train", source.split)
     columns = task.resolve_columns(train.column_names, source.columns, source.train, key)
+    check_filled(train, columns, task.required_roles, source.train, f"{key}train")
     if source.eval is not None:
         eval_ = load_rows(source.eval, source, f"{key}eval", source.eval_split or source.split)
         eval_columns = task.resolve_columns(eval_.column_names, source.columns, source.eval, key)
+        check_filled(eval_, eval_columns, task.required_roles, source.eval, f"{key}eval")
         eval_source = source.eval
     else:
         if len(train) < 2:

@@ -63,11 +63,12 @@ def metrics_by_source(task: Any, collected: dict[str, torch.Tensor], parts: list
 
 def evaluate_file(loaded: Any, path: str, group_by: Optional[str] = None, batch_size: int = 32) -> dict[str, Any]:
     """The adapter's task metrics on a labelled file (read with the adapter's recipe settings)."""
-    from .data import encode, _to_roles
+    from .data import check_filled, encode, _to_roles
 
     recipe, task = loaded.recipe, loaded.task
     rows = load_rows(path, recipe.data, "--data", recipe.data.split)
     columns = task.resolve_columns(rows.column_names, recipe.data.columns, path)
+    check_filled(rows, columns, task.required_roles, path, "--data")
     groups = None
     if group_by is not None:
         if group_by not in rows.column_names:
