@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -32,7 +33,44 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _command_path(ctx: click.Context | None) -> str:
+    """``peftkit adalora to-lora``: the command as typed, whatever name the program was started under."""
+    names = []
+    while ctx is not None:
+        names.append(ctx.info_name if ctx.parent is not None else "peftkit")
+        ctx = ctx.parent
+    return " ".join(reversed(names or ["peftkit"]))
+
+
+class _OneLineErrors(click.Group):
+    """click, except that a usage error is one ``Error: ...`` line like every other (no usage block above it)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            returned = super().main(*args, standalone_mode=False, **kwargs)
+        except _NO_ARGS_IS_HELP as exc:  # `peftkit adapters` alone: its help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            message = " ".join(exc.format_message().split()).rstrip(".")
+            click.echo(f"Error: {message} (see {_command_path(exc.ctx)} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        # without standalone mode click returns the exit code of --help, --version and ctx.exit()
+        sys.exit(returned if isinstance(returned, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="peftkit")
 def main() -> None:
     """LoRA and AdaLoRA fine-tuning on frozen 4/8-bit bases, driven by YAML recipes."""
@@ -118,8 +156,8 @@ def adapters_rm(name: str, registry: str) -> None:
     """Remove NAME from the registry."""
     from .registry import Registry
 
-    Registry(registry).remove(name)
-    click.echo(f"removed {name}")
+    whole = Registry(registry).remove(name)
+    click.echo(f"removed {name}" if whole else f"removed {name} (an incomplete folder, without its peftkit.json)")
 
 
 @main.group()
@@ -131,7 +169,7 @@ def adalora() -> None:
 @click.argument("source")
 @click.option("--name", required=True, help="Name of the LoRA adapter to register.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing adapter of that name.")
-@click.option("--check", default=64, show_default=True, metavar="N",
+@click.option("--check", default=64, show_default=True, metavar="N", type=click.IntRange(min=0),
               help="Compare both adapters' outputs on N eval rows (0: skip).")
 @_registry_option
 @_friendly
@@ -297,7 +335,7 @@ def _folder_size(n_bytes: int) -> str:
 @click.option("--quantize", default=None, metavar="nf4|fp4|int8", help="Re-quantize the merged model with bitsandbytes.")
 @click.option("--data", "data_file", default=None, type=click.Path(dir_okay=False),
               help="Measure the drift on this labelled file (default: the adapter's recipe eval data).")
-@click.option("--rows", default=64, show_default=True, help="Rows the drift is measured on.")
+@click.option("--rows", default=64, show_default=True, type=click.IntRange(min=1), help="Rows the drift is measured on.")
 @click.option("--max-drift", default=None, type=float,
               help="Refuse to write past this largest logit difference, relative to the largest logit (default 0.25).")
 @click.option("--accept-drift", is_flag=True, help="Write the merged model even past --max-drift.")
@@ -323,7 +361,8 @@ def merge_command(name: str, out: str, dtype: str | None, quantize: str | None, 
 @click.option("--weights", required=True, metavar="W1,W2,...", help="One weight per adapter.")
 @click.option("--method", default="linear", show_default=True, help="peft's combination type (linear, cat, svd, ties, ...).")
 @click.option("--density", default=None, type=float, help="Fraction of entries kept by ties, dare_* and magnitude_prune.")
-@click.option("--svd-rank", default=None, type=int, help="Rank of the svd methods' result (default: the largest).")
+@click.option("--svd-rank", default=None, type=click.IntRange(min=1),
+              help="Rank of the svd methods' result (default: the largest).")
 @click.option("--seed", default=0, show_default=True, help="Seed of dare's random pruning.")
 @click.option("--name", "new_name", required=True, help="Name of the adapter to register.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing adapter of that name.")
@@ -349,7 +388,7 @@ def combine_command(names: tuple[str, ...], weights: str, method: str, density: 
 @click.argument("name")
 @click.option("--format", "fmt", default="peft", show_default=True, help="Export format.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
-@click.option("--check", default=16, show_default=True, metavar="N",
+@click.option("--check", default=16, show_default=True, metavar="N", type=click.IntRange(min=0),
               help="Run the model card's loading code and compare it with peftkit on N eval rows (0: skip).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_registry_option
