@@ -59,16 +59,6 @@ def emit_result(result: dict[str, Any]) -> None:
     print(RESULT_MARK + json.dumps({**result, "peak_rss_bytes": own_peak_rss_bytes()}), flush=True)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _memory_total_gib() -> Optional[float]:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -101,9 +91,14 @@ def machine_info() -> dict[str, Any]:
     """The machine and software a result came from; the load average says how busy the shared cores were."""
     import torch
 
+    from peftkit.cpu_paths import cpu_flags, cpu_model, plain_peft_path
+
     info: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
+        # bitsandbytes picks its 4-bit CPU kernel from these (peftkit/cpu_paths.py): figures differ between CPUs
+        "cpu_flags": cpu_flags(),
+        "cpu_4bit_inference_path": plain_peft_path(),
         "cores": os.cpu_count(),
         "memory_gib": _memory_total_gib(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -128,7 +123,9 @@ def describe_machine(info: dict[str, Any]) -> str:
     load = "/".join(str(x) for x in info["load_average"])
     malloc = info.get("malloc_env") or {}
     allocator = "; malloc: " + " ".join(f"{k}={v}" for k, v in sorted(malloc.items())) if malloc else ""
-    return (f"{info['cpu']}, {info['cores']} cores{gpu}, load average {load} at the start; torch {info['torch']}, "
+    flags = ", ".join(f for f in info.get("cpu_flags", []) if f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+    return (f"{info['cpu']} ({flags or 'no AVX512'}), {info['cores']} cores{gpu}, load average {load} at the start; "
+            f"torch {info['torch']}, "
             f"transformers {info['transformers']}, peft {info['peft']}, bitsandbytes {info['bitsandbytes']} "
             f"({info['date']}){allocator}")
 

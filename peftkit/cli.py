@@ -310,7 +310,7 @@ def eval_command(name: str, data_file: str, group_by: str | None, as_json: bool,
     from .loading import load_trained
     from .registry import Registry
 
-    loaded = load_trained(Registry(registry).folder(name), **trust)
+    loaded = load_trained(Registry(registry).folder(name), packed_inference=True, **trust)  # nothing trains after eval
     result = evaluate_file(loaded, data_file, group_by)
     if as_json:
         click.echo(dumps(result, indent=2))

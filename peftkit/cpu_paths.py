@@ -22,6 +22,10 @@ import functools
 import logging
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DEQUANTIZED = "dequantized"
 PACKED_BF16 = "packed-bf16"
@@ -31,7 +35,7 @@ BF16_UNIT_ROUNDOFF = 2.0**-9
 
 # Measured on all-MiniLM-L6-v2 in NF4 with the sst2-qlora adapter, the 872 SST-2 dev sentences, AMD EPYC
 # (Zen 4, AVX512-BF16), 2026-12-01: benchmarks/results/cpu_4bit_paths/. Quoted to users beside their own figure.
-MEASURED_PACKED_DIFFERENCE = "max relative logit difference 1e-2, same label on 99.9% of rows"
+MEASURED_PACKED_DIFFERENCE = "max relative logit difference 1.0e-2, same label on 99.8% of rows, accuracy unchanged"
 
 _FLAG_PREFIXES = ("avx512", "amx")
 
@@ -88,6 +92,16 @@ def describe_path(path: str) -> str:
             + ("" if not packed_4bit_available() else
                "; plain transformers + peft on this CPU (AVX512-BF16) takes bitsandbytes' packed bfloat16 kernel "
                f"instead, expect {MEASURED_PACKED_DIFFERENCE} from that"))
+
+
+def path_ran(model: "torch.nn.Module") -> str:
+    """Which path ``model``'s 4-bit layers took in their last no-grad forward: bitsandbytes keeps a packed
+    layer packed until its state dict is taken, and marks it in the layer's quant state."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            return PACKED_BF16
+    return DEQUANTIZED
 
 
 def path_for(bits: "int | None", device: str, packed_allowed: bool) -> "str | None":

@@ -65,6 +65,7 @@ def export(registry: Registry, source: str, fmt: str, out: str | Path, force: bo
     ``trust_remote_code`` and ``allow_pickle`` are the caller's alone, as for :func:`peftkit.loading.load_trained`.
     """
     from . import model_card
+    from .cpu_paths import describe_path, path_for
     from .drift import compare, describe, sample_inputs, scored_logits
     from .loading import load_trained
 
@@ -81,22 +82,26 @@ def export(registry: Registry, source: str, fmt: str, out: str | Path, force: bo
         written = known[fmt](folder, metadata, staging, out, base_section)
         check = None
         if check_rows > 0:
-            loaded = load_trained(folder, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+            # the same bitsandbytes CPU path as plain peft takes here, so the two can agree to float rounding
+            loaded = load_trained(folder, packed_inference=True, trust_remote_code=trust_remote_code,
+                                  allow_pickle=allow_pickle)
+            path = path_for(metadata["base"]["quantization"].get("bits"), loaded.model.device.type, True)
             sample = sample_inputs(loaded, data_file, check_rows)
             reference = scored_logits(loaded.model, sample)
             loaded.model = None
             plain = written["load_plain"]()
             check = {"reference": f"{name} loaded by peftkit", "source": sample.source, "rows": sample.rows,
-                     **compare(reference, scored_logits(plain, sample))}
+                     **compare(reference, scored_logits(plain, sample)), "cpu_4bit_path": path}
             del plain
-            say(f"checked: the model card's code (plain transformers + peft) against peftkit: {describe(check)}")
+            say(f"checked: the model card's code (plain transformers + peft) against peftkit: {describe(check)}"
+                + (f"; {describe_path(path)}" if path else ""))
         summary = (f"The adapter `{name}` ({metadata['adapter']['method']}, trained by peftkit) in {fmt} format, "
                    f"for the base `{written['base']}`"
                    + (" loaded in 4 bits" if metadata["base"]["quantization"].get("bits") == 4 else
                       " loaded in 8 bits" if metadata["base"]["quantization"].get("bits") == 8 else "")
                    + ". It loads with transformers and peft alone, task head included.")
         model_card.write(staging, model_card.render(
-            metadata, "adapter", f"{out.name}: {name}", summary, written["snippet"], "peft"))
+            metadata, "adapter", f"{out.name}: {name}", summary, written["snippet"], "peft", check=check))
         seal(staging, build_metadata(
             kind="export", format=fmt, name=out.name, exported_from=name, source_files=metadata.get("files", {}),
             source_created=metadata.get("created"), task=metadata["task"], base=metadata["base"],

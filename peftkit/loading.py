@@ -46,12 +46,15 @@ def check_same_base(base: BaseRef, metadata: dict[str, Any], who: str) -> None:
         )
 
 
-def load_trained(folder: str | Path, device: str = "auto", check_base: bool = True, trust_remote_code: bool = False,
+def load_trained(folder: str | Path, device: str = "auto", check_base: bool = True,
+                 packed_inference: bool = False, trust_remote_code: bool = False,
                  allow_pickle: bool = False) -> LoadedAdapter:
     """The adapter in ``folder`` on its base model, ready for inference.
 
     ``check_base=False`` is the expert override for a base whose weights differ from the ones the adapter
-    was trained on (a re-saved copy, say); by default that is refused.
+    was trained on (a re-saved copy, say); by default that is refused. ``packed_inference=True`` lets 4-bit
+    layers run on bitsandbytes' packed bfloat16 CPU kernel where the CPU has one (faster, bfloat16 rounding;
+    see :mod:`peftkit.cpu_paths`): for a model that only predicts. By default they compute as in training.
     ``trust_remote_code`` and ``allow_pickle`` are the caller's alone: whatever the adapter's stored recipe says,
     it never switches them on (:func:`peftkit.models.user_trust`).
     """
@@ -70,11 +73,11 @@ def load_trained(folder: str | Path, device: str = "auto", check_base: bool = Tr
         whole = BaseRef(folder, metadata["name"], "local")
         quantization = recipe.quantization.model_copy(update={"bits": None})
         model = load_base_for_task(recipe.model_copy(update={"quantization": quantization}), task, whole,
-                                   tokenizer, torch_device)
+                                   tokenizer, torch_device, packed_inference)
     else:
         from peft import PeftModel
 
-        model = load_base_for_task(recipe, task, base, tokenizer, torch_device)
+        model = load_base_for_task(recipe, task, base, tokenizer, torch_device, packed_inference)
         with warnings.catch_warnings():
             # peft matches AdaLoRA's saved rank_pattern against LoRA-style keys and warns; AdaLoRA applies it
             warnings.filterwarnings("ignore", message=r"The following rank_pattern keys did not match")

@@ -166,6 +166,7 @@ def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str]
     ``trust_remote_code`` and ``allow_pickle`` are the caller's alone, as for :func:`peftkit.loading.load_trained`.
     """
     from . import model_card
+    from .cpu_paths import describe_path, path_for
     from .loading import load_trained
     from .models import bnb_config, describe_quantization
 
@@ -215,7 +216,10 @@ def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str]
                  **compare(reference, scored_logits(written, sample)), "max_drift": max_drift}
         del written
         what = f"re-quantized to {quantize}" if quantize else f"in {target_dtype}"
-        say(f"written {what}, reloaded: {describe(drift)} against {name} as trained")
+        four_bit = metadata["base"]["quantization"].get("bits") == 4 or quantize in ("nf4", "fp4")
+        path = path_for(4 if four_bit else None, device.type, packed_allowed=False)
+        say(f"written {what}, reloaded: {describe(drift)} against {name} as trained"
+            + (f"; {describe_path(path)}" if path else ""))
         if drift["max_rel_diff"] > max_drift:
             if not accept_drift:
                 raise PeftkitError(

@@ -150,8 +150,10 @@ def _tags(metadata: dict[str, Any], kind: str, quantized_to: Optional[str]) -> l
 
 
 def render(metadata: dict[str, Any], kind: str, title: str, summary: str, snippet: str,
-           library: str, drift: Optional[dict[str, Any]] = None, quantized_to: Optional[str] = None) -> str:
-    """The model card's text; ``metadata`` is the source adapter's peftkit metadata."""
+           library: str, drift: Optional[dict[str, Any]] = None, quantized_to: Optional[str] = None,
+           check: Optional[dict[str, Any]] = None) -> str:
+    """The model card's text; ``metadata`` is the source adapter's peftkit metadata, ``check`` an export's
+    comparison of the card's code with peftkit."""
     from huggingface_hub import ModelCardData
 
     metrics = dict(metadata.get("metrics", {}))
@@ -180,6 +182,8 @@ def render(metadata: dict[str, Any], kind: str, title: str, summary: str, snippe
             lines.append(f"| {key} | {value:.3e} |" if isinstance(value, float) and key != "label_agreement"
                          else f"| {key} | {value} |")
         lines.append("")
+    if (quantized_to in ("nf4", "fp4")) if kind == "merged" else metadata["base"]["quantization"].get("bits") == 4:
+        lines += _cpu_path_section(check)
     lines += ["## Loading", "", "```python", snippet.rstrip(), "```", "",
               "## Provenance", "", "```json",
               json.dumps({"source_adapter": metadata["name"], "base": metadata["base"]["identity"],
@@ -188,6 +192,23 @@ def render(metadata: dict[str, Any], kind: str, title: str, summary: str, snippe
                           "adapter_created": metadata.get("created")}, indent=2),
               "```", ""]
     return "\n".join(lines)
+
+
+def _cpu_path_section(check: Optional[dict[str, Any]]) -> list[str]:
+    """What a user of a 4-bit model on a CPU should expect (see :mod:`peftkit.cpu_paths`)."""
+    from .cpu_paths import MEASURED_PACKED_DIFFERENCE, cpu_model, describe_path
+
+    lines = ["## 4-bit layers on a CPU", "",
+             "On a CPU with AVX512-BF16 (Intel Xeons with AMX, AMD EPYC Zen 4), bitsandbytes runs 4-bit layers through "
+             "a packed bfloat16 kernel whenever the model predicts without gradients; training computed them "
+             "in float32. Outputs there differ from the evaluation above by bfloat16 rounding "
+             f"({MEASURED_PACKED_DIFFERENCE}, measured by peftkit on MiniLM). Other CPUs, and GPUs, take the "
+             "float32 path.", ""]
+    if check and check.get("cpu_4bit_path"):
+        lines += [f"This export was checked on {cpu_model()}: {describe_path(check['cpu_4bit_path'])}; the "
+                  f"card's code against peftkit differed by at most {check['max_rel_diff']:.2e} of the largest "
+                  "logit.", ""]
+    return lines
 
 
 def write(folder: Path, text: str) -> None:

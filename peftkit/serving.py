@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .cpu_paths import path_for
 from .errors import PeftkitError
 from .models import describe_quantization, load_pretrained, load_tokenizer, memory_footprint, \
     pick_device, resolve_base, user_trust
@@ -268,12 +269,14 @@ class Server:
 
 
 def load_server(registry: Union[Registry, str], names: Sequence[str], device: str = "auto",
-                quantized: bool = True, check_base: bool = True, trust_remote_code: bool = False,
-                allow_pickle: bool = False) -> Server:
+                quantized: bool = True, check_base: bool = True, packed_inference: bool = True,
+                trust_remote_code: bool = False, allow_pickle: bool = False) -> Server:
     """Load ``names`` from ``registry`` onto one base model.
 
     The base is loaded once, quantized as the adapters were trained (they must agree), or unquantized with
     ``quantized=False`` (for adapters trained on a 4/8-bit base; outputs then differ slightly from training's).
+    On a CPU with AVX512-BF16, 4-bit layers run on bitsandbytes' packed bfloat16 kernel (faster; see
+    :mod:`peftkit.cpu_paths`); ``packed_inference=False`` keeps them on training's float32 path.
     ``trust_remote_code`` and ``allow_pickle`` are the caller's alone, never read from the adapters' stored recipes.
     """
     registry = registry if isinstance(registry, Registry) else Registry(registry)
@@ -318,7 +321,7 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
     keep = ["lm_head", "score", "classifier"]  # what the adapters' task models kept out of quantization
     model = load_pretrained(AutoModelForCausalLM if decoder else AutoModel, base, recipe.base, quantization, keep,
                             torch_device)
-    freeze_quantized_layers(model)
+    freeze_quantized_layers(model, packed_inference)  # a server only predicts
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     base_bytes = memory_footprint(model)
@@ -333,6 +336,7 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
     description = {
         "base": first.metadata["base"]["identity"],
         "weights": describe_quantization(quantization, recipe.base.dtype),
+        "cpu_4bit_path": path_for(quantization.bits, torch_device.type, packed_inference),
         "adapters": {s.name: {"task": s.metadata["task"]["type"], "method": s.metadata["adapter"]["method"],
                               "trained_on": describe_quantization(r.quantization, r.base.dtype)}
                      for s, r in zip(snapshots, recipes)},

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from peftkit.cpu_paths import DEQUANTIZED, PACKED_BF16
+from peftkit.cpu_paths import DEQUANTIZED, PACKED_BF16, path_ran  # noqa: F401 - tests take it from here
 from peftkit.quantized import freeze_quantized_layers
 
 PATHS = [DEQUANTIZED, pytest.param(PACKED_BF16, marks=pytest.mark.packed_cpu_4bit)]
@@ -23,12 +23,3 @@ def put_on_path(model: nn.Module, path: str) -> nn.Module:
     if path == DEQUANTIZED:
         freeze_quantized_layers(model)
     return model
-
-
-def path_ran(model: nn.Module) -> str:
-    """Which path the model's 4-bit layers took in their last no-grad forward (packing is kept until saved)."""
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            return PACKED_BF16
-    return DEQUANTIZED

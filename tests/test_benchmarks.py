@@ -159,3 +159,30 @@ def test_gpu_checks_dry_run_names_every_step() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "benchmarks/compare_methods.py" in proc.stdout and "benchmarks/throughput.py" in proc.stdout
     assert "pytest" in proc.stdout and "/tmp/gpu-out" in proc.stdout
+
+
+def test_cpu_4bit_paths_measures_both_paths_on_one_adapter(tiny_dir: Path, tmp_path: Path) -> None:
+    import cpu_4bit_paths
+
+    from peftkit.cpu_paths import DEQUANTIZED, PACKED_BF16, packed_4bit_available
+    from peftkit.recipe import build_recipe
+    from peftkit.training import train
+    from tests.conftest import make_recipe
+
+    data = make_recipe(tiny_dir, tmp_path, quant="4bit", train={"max_steps": 2, "eval_at_start": False},
+                       output={"name": "q4"})
+    train(build_recipe(data), echo=lambda line: None)
+    out = tmp_path / "results"
+    cpu_4bit_paths.main(["--adapter", "q4", "--registry", str(tmp_path / "adapters"), "--rows", "24",
+                         "--batch-size", "8", "--repeats", "2", "--out", str(out)])
+    result = json.loads((out / "results.json").read_text())["result"]
+    # what bitsandbytes really did (read from the layers), not what was asked
+    assert result["paths_ran"] == {DEQUANTIZED: DEQUANTIZED,
+                                   PACKED_BF16: PACKED_BF16 if packed_4bit_available() else DEQUANTIZED}
+    assert result["rows"] == 24 and all(len(t) == 2 for t in result["timings_s"].values())
+    best = {p: min(t) for p, t in result["timings_s"].items()}
+    assert result["speedup_packed_over_dequantized"] == pytest.approx(best[DEQUANTIZED] / best[PACKED_BF16])
+    drift = result["packed_against_dequantized"]
+    assert (drift["max_rel_diff"] > 0) == packed_4bit_available()  # the same path gives the same logits
+    assert set(result["metrics"][DEQUANTIZED]) == {"accuracy", "macro_f1", "loss"}
+    assert "packed-bf16 over dequantized:" in (out / "results.md").read_text()

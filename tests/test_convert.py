@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,12 +12,14 @@ from click.testing import CliRunner
 from peftkit.artifacts import seal
 from peftkit.cli import main
 from peftkit.convert import to_lora
+from peftkit.cpu_paths import DEQUANTIZED, PACKED_BF16
 from peftkit.errors import PeftkitError
 from peftkit.loading import load_trained
 from peftkit.recipe import build_recipe
 from peftkit.registry import Registry
 from peftkit.training import train
-from tests.conftest import write_recipe
+from tests.conftest import make_recipe, write_recipe
+from tests.cpu_paths import PATHS, path_ran, put_on_path
 
 QUIET = {"echo": lambda line: None}
 
@@ -33,19 +36,37 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+@pytest.fixture(scope="module")
+def adalora_runs(tiny_dir, tmp_path_factory):
+    """AdaLoRA adapters named "ada", trained once per quantization for the whole module."""
+    runs = {}
+
+    def trained(quant):
+        if quant not in runs:
+            data = make_recipe(tiny_dir, tmp_path_factory.mktemp(f"ada-{quant}"), quant=quant, adapter="adalora",
+                               train={"eval_at_start": False, "lr": 2e-2, "epochs": 2}, output={"name": "ada"})
+            runs[quant] = train(build_recipe(data), **QUIET)
+        return runs[quant]
+
+    return trained
+
+
 @pytest.fixture(params=["fp32", "4bit"])
-def trained_adalora(request, recipe_for):
-    data = recipe_for(quant=request.param, adapter="adalora",
-                      train={"eval_at_start": False, "lr": 2e-2, "epochs": 2}, output={"name": "ada"})
-    result = train(build_recipe(data), **QUIET)
-    return Registry(result.adapter_dir.parent), result
+def trained_adalora(request, adalora_runs, tmp_path):
+    """The trained "ada" in a registry of this test's own (``recipe_for``'s), so tests may add to it."""
+    result = adalora_runs(request.param)
+    shutil.copytree(result.adapter_dir.parent, tmp_path / "adapters")
+    return Registry(tmp_path / "adapters"), result
 
 
-def test_conversion_is_exact_smaller_and_plain_peft(trained_adalora, tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_conversion_is_exact_smaller_and_plain_peft(trained_adalora, path, tmp_path):
     registry, result = trained_adalora
     folder = to_lora(registry, "ada", "ada-lora")
 
-    source, converted = load_trained(registry.folder("ada")), load_trained(folder)
+    packed = path == PACKED_BF16
+    source = load_trained(registry.folder("ada"), packed_inference=packed)
+    converted = load_trained(folder, packed_inference=packed)
     batch = _batch(source)
     with torch.no_grad():
         expected, got = source.model(**batch).logits, converted.model(**batch).logits
@@ -70,9 +91,13 @@ def test_conversion_is_exact_smaller_and_plain_peft(trained_adalora, tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(
         source.recipe.base.model, num_labels=2,
         quantization_config=bnb_config(source.recipe.quantization, ["classifier"]))
-    plain = PeftModel.from_pretrained(base, folder).eval()
+    plain = PeftModel.from_pretrained(put_on_path(base, path), folder).eval()
     with torch.no_grad():
-        assert _relative(plain(**batch).logits, expected) < 1e-5
+        difference = _relative(plain(**batch).logits, expected)
+    # the same bitsandbytes path on both sides (or no 4-bit layer at all): only float reordering may differ
+    ran = path_ran(plain), path_ran(source.model)
+    assert difference < 1e-5, f"plain peft ({ran[0]} path) against peftkit ({ran[1]} path): {difference:.2e}"
+    assert ran[0] == ran[1] == (path if result.metadata["base"]["quantization"]["bits"] == 4 else DEQUANTIZED)
 
 
 def test_converted_adapter_joins_a_mixed_batch(trained_adalora, recipe_for):

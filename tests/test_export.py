@@ -14,12 +14,14 @@ import torch
 from click.testing import CliRunner
 
 from peftkit.cli import main
+from peftkit.cpu_paths import PACKED_BF16, cpu_model, describe_path, plain_peft_path
 from peftkit.export import export
 from peftkit.loading import load_trained
 from peftkit.recipe import build_recipe
 from peftkit.registry import Registry
 from peftkit.training import train
 from tests.conftest import make_recipe
+from tests.cpu_paths import PATHS, path_ran
 from tests.test_convert import _relative
 from tests.tiny import sentiment_rows
 
@@ -30,6 +32,10 @@ card = open(sys.argv[1] + "/README.md").read()
 exec(re.search(r"```python\\n(.*?)```", card, re.S).group(1))
 assert not any(m == "peftkit" or m.startswith("peftkit.") for m in sys.modules), "peftkit was imported"
 sentences = json.loads(sys.argv[2])
+if sys.argv[3] == "dequantized":  # bitsandbytes' own switch for its packed bfloat16 CPU path (see cpu_paths)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 batch = tokenizer(sentences, padding=True, return_tensors="pt")
 with torch.no_grad():
     print(json.dumps(model(**batch).logits.tolist()))
@@ -47,25 +53,34 @@ def adapters(tiny_dir, tmp_path_factory):
     return registries
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["lora4", "ada"])
-def test_export_loads_in_a_fresh_process_with_the_same_predictions(adapters, name, tmp_path):
+def test_export_loads_in_a_fresh_process_with_the_same_predictions(adapters, name, path, tmp_path):
     registry = adapters[name]
     out = tmp_path / "export"
     result = export(registry, name, "peft", out)
-    assert result["check"]["max_rel_diff"] < 1e-6 and result["check"]["label_agreement"] == 1.0
+    # the check puts peftkit on the path plain peft takes on this CPU, so the two agree to float rounding
+    check = result["check"]
+    four_bit = name == "lora4"
+    assert check["cpu_4bit_path"] == (plain_peft_path() if four_bit else None)
+    assert check["max_rel_diff"] < 1e-6 and check["label_agreement"] == 1.0, check
 
     sentences = [row["sentence"] for row in sentiment_rows(24, seed=5)]
-    loaded = load_trained(registry.folder(name))
+    loaded = load_trained(registry.folder(name), packed_inference=path == PACKED_BF16)
     batch = loaded.tokenizer(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = loaded.model(**batch).logits
     env = {**os.environ, "PYTHONPATH": ""}
-    fresh = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(out), json.dumps(sentences)], env=env,
+    fresh = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(out), json.dumps(sentences), path], env=env,
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     got = torch.tensor(json.loads(fresh.stdout.strip().splitlines()[-1]))
-    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
-    assert _relative(got, expected) < 1e-5  # the same logits: the trained head travelled with the adapter
+    ran = path_ran(loaded.model) if four_bit else "no 4-bit layer"
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist(), f"peftkit on the {ran} path"
+    difference = _relative(got, expected)
+    # the same logits: the trained head travelled with the adapter
+    assert difference < 1e-5, f"fresh plain peft against peftkit, both on the {ran} path: {difference:.2e}"
+    assert ran == (path if four_bit else "no 4-bit layer")
 
     card = (out / "README.md").read_text()
     header = card.split("---")[1]
@@ -76,6 +91,10 @@ def test_export_loads_in_a_fresh_process_with_the_same_predictions(adapters, nam
     assert json.loads((out / "peftkit.json").read_text())["exported_from"] == name
     # the data were local files: named in the text, not under the hub's datasets key (which links hub ids)
     assert "datasets:" not in header and "## Training data" in card
+    # a 4-bit adapter's card says what a CPU user should expect; the export check's own path is named there
+    assert ("## 4-bit layers on a CPU" in card) == four_bit
+    if four_bit:
+        assert f"This export was checked on {cpu_model()}: {describe_path(check['cpu_4bit_path'])}" in card
 
 
 def test_card_lists_hub_data_sets_by_id_and_local_files_in_the_text():

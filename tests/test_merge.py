@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from peftkit import model_card
 from peftkit.artifacts import seal
 from peftkit.cli import main
+from peftkit.cpu_paths import DEQUANTIZED, describe_path
 from peftkit.errors import PeftkitError
 from peftkit.loading import load_trained
 from peftkit.merge import merge
@@ -105,6 +106,8 @@ def test_cli_merges_in_bf16_and_reports(trained, tmp_path):
                                        "--registry", registry])
     assert result.exit_code == 0, result.output
     assert "written in bfloat16, reloaded: max relative difference" in result.output
+    # measured on training's float32 path; a CPU user learns what plain transformers would do here instead
+    assert f"against lora4 as trained; {describe_path(DEQUANTIZED)}\n" in result.output
     assert f"saved {out} (" in result.output
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 

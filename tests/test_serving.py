@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from peftkit.artifacts import seal
+from peftkit.cpu_paths import DEQUANTIZED, PACKED_BF16
 from peftkit.errors import PeftkitError
 from peftkit.loading import load_trained
 from peftkit.recipe import build_recipe
@@ -17,6 +18,7 @@ from peftkit.serving import load_server
 from peftkit.training import train
 from tests import tiny
 from tests.conftest import make_recipe
+from tests.cpu_paths import PATHS, path_ran, put_on_path
 
 QUIET = {"echo": lambda line: None}
 TEXTS = ["the film was great and good", "bad awful plot", "the king said again", "a movie", "dull boring"]
@@ -57,9 +59,9 @@ def registry(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Regist
     return Registry(out / "adapters")
 
 
-def _alone(registry: Registry, name: str, texts: list[str]) -> list[torch.Tensor]:
+def _alone(registry: Registry, name: str, texts: list[str], path: str = DEQUANTIZED) -> list[torch.Tensor]:
     """What the adapter gives on its own: its trained task model (peft + transformers), rows one by one."""
-    loaded = load_trained(registry.folder(name))
+    loaded = load_trained(registry.folder(name), packed_inference=path == PACKED_BF16)
     outs = []
     for text in texts:
         batch = loaded.tokenizer([text], return_tensors="pt")
@@ -74,17 +76,20 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool((a - b).abs().max() <= 1e-5 * b.abs().max().clamp(min=1.0))
 
 
-def test_mixed_batch_equals_each_adapter_alone(registry):
-    server = load_server(registry, ["sentiment", "topics", "chat"])
+@pytest.mark.parametrize("path", PATHS)
+def test_mixed_batch_equals_each_adapter_alone(registry, path):
+    server = load_server(registry, ["sentiment", "topics", "chat"], packed_inference=path == PACKED_BF16)
+    assert server.description["cpu_4bit_path"] == path
     names = ["sentiment", "topics", "chat", "base", "topics", "sentiment", "chat", "chat"]
     texts = [TEXTS[i % len(TEXTS)] for i in range(len(names))]
     mixed = server.outputs(texts, names, batch_size=8)
+    assert path_ran(server.model) == path
     for name in ("sentiment", "topics", "chat"):
         rows = [i for i, n in enumerate(names) if n == name]
-        alone = _alone(registry, name, [texts[i] for i in rows])
+        alone = _alone(registry, name, [texts[i] for i in rows], path)
         for i, expected in zip(rows, alone):
             assert mixed[i].shape == expected.shape
-            assert _close(mixed[i], expected), (name, (mixed[i] - expected).abs().max())
+            assert _close(mixed[i], expected), (name, path, (mixed[i] - expected).abs().max())
     assert mixed[0].shape == (2,) and mixed[1].shape == (4,)
     # the base rows are the base model's own logits, untouched by any adapter
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -95,8 +100,9 @@ def test_mixed_batch_equals_each_adapter_alone(registry):
                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
     ids = server.tokenizer([texts[3]], return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        assert _close(mixed[3], plain(input_ids=ids).logits[0].float())
-    assert not _close(mixed[3], _alone(registry, "chat", [texts[3]])[0])  # the adapter does change the outputs
+        base_logits = put_on_path(plain, path)(input_ids=ids).logits[0].float()
+    assert _close(mixed[3], base_logits), f"base rows against plain transformers, both on the {path_ran(plain)} path"
+    assert not _close(mixed[3], _alone(registry, "chat", [texts[3]], path)[0])  # the adapter does change the outputs
 
 
 def test_switching_per_call_and_predictions(registry):
@@ -111,15 +117,16 @@ def test_switching_per_call_and_predictions(registry):
     assert mixed[1] == one[1] and set(mixed[0]["probs"]) == {"0", "1"}
 
 
-def test_encoder_base_pooled_heads(registry):
-    server = load_server(registry, ["bert-sentiment", "bert-topics"])
+@pytest.mark.parametrize("path", PATHS)
+def test_encoder_base_pooled_heads(registry, path):
+    server = load_server(registry, ["bert-sentiment", "bert-topics"], packed_inference=path == PACKED_BF16)
     names = ["bert-sentiment", "bert-topics"] * 3
     texts = TEXTS + TEXTS[:1]
     mixed = server.outputs(texts, names)
     for name in ("bert-sentiment", "bert-topics"):
         rows = [i for i, n in enumerate(names) if n == name]
-        for i, expected in zip(rows, _alone(registry, name, [texts[i] for i in rows])):
-            assert _close(mixed[i], expected)
+        for i, expected in zip(rows, _alone(registry, name, [texts[i] for i in rows], path)):
+            assert _close(mixed[i], expected), (name, path_ran(server.model), (mixed[i] - expected).abs().max())
 
 
 def test_memory_grows_by_the_adapters_not_the_base(registry):
