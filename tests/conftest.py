@@ -18,23 +18,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    from peftkit.cpu_paths import cpu_flags, cpu_model, describe_path, plain_peft_path
+    from peftkit.cpu_paths import cpu_flags, cpu_model, plain_peft_path
 
-    return (f"CPU: {cpu_model()}; AVX512/AMX flags: {' '.join(cpu_flags()) or 'none'}\n"
-            f"bitsandbytes 4-bit inference here: {plain_peft_path()} ({describe_path(plain_peft_path())})")
+    return (f"CPU: {cpu_model()}; AVX512/AMX flags: {' '.join(cpu_flags()) or 'none'}; "
+            f"bitsandbytes' 4-bit no-grad path here: {plain_peft_path()} (peftkit/cpu_paths.py)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip only the packed 4-bit path's cases, and only where bitsandbytes cannot take that path."""
-    from peftkit.cpu_paths import cpu_model, packed_4bit_available
+    from tests.cpu_paths import packed_skip_reason
 
-    if packed_4bit_available():
+    reason = packed_skip_reason()
+    if reason is None:
         return
-    skip = pytest.mark.skip(reason=f"bitsandbytes' packed 4-bit CPU path needs AVX512-BF16; this CPU "
-                                   f"({cpu_model()}) lacks the avx512_bf16 flag")
     for item in items:
         if "packed_cpu_4bit" in item.keywords:
-            item.add_marker(skip)
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session", autouse=True)

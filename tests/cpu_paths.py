@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
+from peftkit import cpu_paths
 from peftkit.cpu_paths import DEQUANTIZED, PACKED_BF16, path_ran  # noqa: F401 - tests take it from here
 from peftkit.quantized import freeze_quantized_layers
 
@@ -23,3 +24,11 @@ def put_on_path(model: nn.Module, path: str) -> nn.Module:
     if path == DEQUANTIZED:
         freeze_quantized_layers(model)
     return model
+
+
+def packed_skip_reason() -> "str | None":
+    """Why this machine skips the packed path's cases (None: it runs them), naming the missing CPU flag."""
+    if cpu_paths.packed_4bit_available():
+        return None
+    return (f"bitsandbytes' packed 4-bit CPU path needs AVX512-BF16; this CPU ({cpu_paths.cpu_model()}) lacks the "
+            "avx512_bf16 flag")

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from peftkit import cpu_paths
 from peftkit.cpu_paths import (BF16_UNIT_ROUNDOFF, DEQUANTIZED, PACKED_BF16, describe_path, inference_path,
                                packed_4bit_available, silence_kernel_hub_notice)
 from peftkit.quantized import freeze_quantized_layers
@@ -98,3 +99,14 @@ def test_importing_peftkit_then_bitsandbytes_prints_no_notice():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "kernels-community" not in run.stderr + run.stdout
+
+
+def test_only_a_cpu_without_avx512_bf16_skips_the_packed_cases(monkeypatch):
+    from tests.cpu_paths import packed_skip_reason
+
+    monkeypatch.setattr(cpu_paths, "packed_4bit_available", lambda: True)
+    assert packed_skip_reason() is None
+    monkeypatch.setattr(cpu_paths, "packed_4bit_available", lambda: False)
+    monkeypatch.setattr(cpu_paths, "cpu_model", lambda: "Old CPU 9000")
+    assert packed_skip_reason() == ("bitsandbytes' packed 4-bit CPU path needs AVX512-BF16; this CPU (Old CPU 9000) "
+                                    "lacks the avx512_bf16 flag")
