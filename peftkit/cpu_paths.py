@@ -87,11 +87,11 @@ def describe_path(path: str) -> str:
     if path == PACKED_BF16:
         return (f"4-bit layers ran on bitsandbytes' packed bfloat16 CPU kernel ({cpu_model()} has AVX512-BF16), "
                 f"as plain transformers + peft does on this CPU; against training's float32 path expect bfloat16 "
-                f"rounding ({MEASURED_PACKED_DIFFERENCE} measured on MiniLM)")
+                f"rounding (on MiniLM: {MEASURED_PACKED_DIFFERENCE})")
     return (f"4-bit layers ran dequantized in float32 on {cpu_model()}, as in training"
             + ("" if not packed_4bit_available() else
                "; plain transformers + peft on this CPU (AVX512-BF16) takes bitsandbytes' packed bfloat16 kernel "
-               f"instead, expect {MEASURED_PACKED_DIFFERENCE} from that"))
+               f"instead (on MiniLM: {MEASURED_PACKED_DIFFERENCE})"))
 
 
 def path_ran(model: "torch.nn.Module") -> str:

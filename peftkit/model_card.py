@@ -196,7 +196,7 @@ def render(metadata: dict[str, Any], kind: str, title: str, summary: str, snippe
 
 def _cpu_path_section(check: Optional[dict[str, Any]]) -> list[str]:
     """What a user of a 4-bit model on a CPU should expect (see :mod:`peftkit.cpu_paths`)."""
-    from .cpu_paths import MEASURED_PACKED_DIFFERENCE, cpu_model, describe_path
+    from .cpu_paths import MEASURED_PACKED_DIFFERENCE, cpu_model
 
     lines = ["## 4-bit layers on a CPU", "",
              "On a CPU with AVX512-BF16 (Intel Xeons with AMX, AMD EPYC Zen 4), bitsandbytes runs 4-bit layers through "
@@ -205,8 +205,8 @@ def _cpu_path_section(check: Optional[dict[str, Any]]) -> list[str]:
              f"({MEASURED_PACKED_DIFFERENCE}, measured by peftkit on MiniLM). Other CPUs, and GPUs, take the "
              "float32 path.", ""]
     if check and check.get("cpu_4bit_path"):
-        lines += [f"This export was checked on {cpu_model()}: {describe_path(check['cpu_4bit_path'])}; the "
-                  f"card's code against peftkit differed by at most {check['max_rel_diff']:.2e} of the largest "
+        lines += [f"This export was checked on {cpu_model()}, on the {check['cpu_4bit_path']} path: the card's code "
+                  f"against peftkit on the same path differed by at most {check['max_rel_diff']:.2e} of the largest "
                   "logit.", ""]
     return lines
 
