@@ -12,8 +12,8 @@ bitsandbytes 0.50 has two CPU paths for a 4-bit ``Linear4bit`` (read in ``bitsan
   nothing trains afterwards (predict, generate, eval, serving) because it is faster (measured in
   ``benchmarks/cpu_4bit_paths.py``); its logits differ from the dequantized path's by bfloat16 rounding.
 
-Intel Xeons with AMX and AMD EPYC Zen 4 both report AVX512-BF16; older EPYCs do not, and take the dequantized path
-everywhere.
+Intel Xeons from Cooper Lake on (Sapphire Rapids adds AMX) and AMD EPYC from Zen 4 on report AVX512-BF16; older
+CPUs do not, and take the dequantized path everywhere.
 """
 
 from __future__ import annotations

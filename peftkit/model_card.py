@@ -199,8 +199,9 @@ def _cpu_path_section(check: Optional[dict[str, Any]]) -> list[str]:
     from .cpu_paths import MEASURED_PACKED_DIFFERENCE, cpu_model
 
     lines = ["## 4-bit layers on a CPU", "",
-             "On a CPU with AVX512-BF16 (Intel Xeons with AMX, AMD EPYC Zen 4), bitsandbytes runs 4-bit layers through "
-             "a packed bfloat16 kernel whenever the model predicts without gradients; training computed them "
+             "On a CPU with AVX512-BF16 (Intel Xeons from Cooper Lake on, AMD EPYC from Zen 4 on), bitsandbytes runs "
+             "4-bit layers through a packed bfloat16 kernel whenever the model predicts without gradients; training "
+             "computed them "
              "in float32. Outputs there differ from the evaluation above by bfloat16 rounding "
              f"({MEASURED_PACKED_DIFFERENCE}, measured by peftkit on MiniLM). Other CPUs, and GPUs, take the "
              "float32 path.", ""]
