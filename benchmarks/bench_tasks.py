@@ -1,9 +1,9 @@
-"""The benchmark tasks and methods: the same rows and settings for peftkit and for the hand-written baseline.
+"""The benchmark tasks and methods: the same rows and settings for peftkit and for the hand-written peers.
 
 Each task's rows are drawn once (data seed 0, independent of the training seed) and written as JSON lines into
 the run's work folder, so both tools train and evaluate on exactly the same examples; the training seed
 varies the initialisation, dropout and batch order only. A method is a quantization plus an adapter, written
-once here and turned into a peftkit recipe or into the baseline's flags.
+once here and turned into a peftkit recipe, from which the peers' flags are read.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def prepare(task: TaskSpec, folder: Path, train_rows: Optional[int] = None,
 
 
 def peftkit_recipe(prepared: Prepared, method: Method, seed: int, out: Path) -> dict[str, Any]:
-    """The peftkit recipe (as a dict) for one run; the same settings as :func:`baseline_flags`."""
+    """The peftkit recipe (as a dict) for one run; :func:`baseline_flags` reads the peers' settings from it."""
     task = prepared.task
     adapter: Optional[dict[str, Any]] = None
     if method.adapter == "lora":
@@ -181,16 +181,67 @@ def peftkit_recipe(prepared: Prepared, method: Method, seed: int, out: Path) -> 
     }
 
 
-def baseline_flags(prepared: Prepared, method: Method, seed: int, model_dir: Path) -> list[str]:
-    """The hand-written baseline's flags for the same run as :func:`peftkit_recipe`."""
-    task = prepared.task
-    flags = ["--task", task.kind, "--model-dir", str(model_dir), "--train", str(prepared.train_file),
-             "--eval", str(prepared.eval_file), "--method", method.adapter or "full", "--bits", str(method.bits or 0),
-             "--r", str(task.r), "--max-length", str(task.max_length), "--batch-size", str(task.batch_size),
-             "--eval-batch-size", str(task.eval_batch_size),
-             "--lr", str(task.full_lr if method.adapter is None else task.lr), "--seed", str(seed)]
-    if task.max_steps:
-        flags += ["--max-steps", str(task.max_steps)]
-    if prepared.labels:
-        flags += ["--labels", ",".join(prepared.labels)]
+def baseline_flags(recipe: dict[str, Any], model_dir: Path, peer: str = "careful") -> list[str]:
+    """The hand-written peer's flags for the run ``recipe`` describes: the dict peftkit trains from, read as
+    peftkit resolves it (its defaults included: AdaLoRA's alpha 128, adapter at twice ``train.lr``, ...).
+
+    The careful peer gets every setting peftkit trains with; a recipe setting it cannot reproduce raises
+    ValueError. The naive peer gets what the original baseline took (data, rank, learning rate, lengths, batch
+    sizes, seed) and keeps its own defaults for the rest.
+    """
+    from peftkit.recipe import AdaLoraSection, build_recipe
+
+    rec = build_recipe(recipe)
+    t, adapter = rec.train, rec.adapter
+    adalora = isinstance(adapter, AdaLoraSection)
+    flags = ["--peer", peer, "--task", rec.task.type, "--model-dir", str(model_dir), "--train", rec.data.train,
+             "--eval", str(rec.data.eval), "--method", rec.method, "--bits", str(rec.quantization.bits or 0),
+             "--max-length", str(rec.data.max_length), "--batch-size", str(t.batch_size),
+             "--eval-batch-size", str(t.eval_batch_size or t.batch_size), "--lr", str(t.lr), "--seed", str(t.seed),
+             "--epochs", str(t.epochs)]
+    if adapter is not None:
+        flags += ["--r", str(adapter.target_r if adalora else adapter.r)]
+    if t.max_steps:
+        flags += ["--max-steps", str(t.max_steps)]
+    labels = rec.task.options().get("labels")
+    if labels:
+        flags += ["--labels", ",".join(labels)]
+    if peer == "naive":
+        return flags
+    _check_reproducible(rec)
+    flags += ["--weight-decay", str(t.weight_decay), "--scheduler", t.scheduler, "--warmup-ratio", str(t.warmup_ratio),
+              "--max-grad-norm", str(t.max_grad_norm or 0)]
+    if t.head_lr:
+        flags += ["--head-lr", str(t.head_lr)]
+    if adapter is None:
+        return flags
+    targets = adapter.target_modules
+    flags += ["--lora-alpha", str(adapter.lora_alpha), "--lora-dropout", str(adapter.lora_dropout),
+              "--targets", targets if isinstance(targets, str) else ",".join(targets)]
+    if adalora:
+        flags += ["--init-r", str(adapter.init_r), "--adapter-lr-scale", str(adapter.lr_scale),
+                  "--adalora-warmup", str(adapter.warmup), "--adalora-final", str(adapter.final),
+                  "--adalora-interval", str(adapter.interval), "--beta1", str(adapter.beta1),
+                  "--beta2", str(adapter.beta2), "--orth-reg-weight", str(adapter.orth_reg_weight),
+                  *(["--orthogonal-init"] if adapter.orthogonal_init else [])]
     return flags
+
+
+def _check_reproducible(rec: Any) -> None:
+    """Refuse a recipe whose settings the careful peer does not write (it would train something else)."""
+    q, adapter = rec.quantization, rec.adapter
+    unsupported = {
+        "train.grad_accum": rec.train.grad_accum != 1,
+        "train.gradient_checkpointing": rec.train.gradient_checkpointing,
+        "train.group_by_length": not rec.train.group_by_length,
+        "base.dtype": rec.base.dtype != "float32",
+        "data.also": bool(rec.data.also),
+        "quantization": q.bits == 4 and (q.quant_type, q.double_quant, q.compute_dtype) != ("nf4", True, "float32"),
+        "adapter.layers": adapter is not None and adapter.layers is not None,
+        "adapter.init_from": adapter is not None and adapter.init_from is not None,
+        "adapter (rslora, dora, rank_pattern_from)": adapter is not None and any(
+            getattr(adapter, k, None) for k in ("use_rslora", "use_dora", "rank_pattern_from")),
+    }
+    refused = [key for key, bad in unsupported.items() if bad]
+    if refused:
+        raise ValueError(f"the careful peer does not reproduce {', '.join(refused)}; keep their defaults")

@@ -1,14 +1,17 @@
-"""Compare fine-tuning methods, peftkit against the hand-written baseline, each run in its own process.
+"""Compare fine-tuning methods, peftkit against the hand-written peers, each run in its own process.
 
     python benchmarks/compare_methods.py --model minilm --task sst2 --seeds 3
     python benchmarks/compare_methods.py --tasks sst2 rte mrpc agnews alpaca --seeds-for sst2=3 --rows 1000
 
-For every task, method and seed, peftkit (``run_peftkit.py``) and the baseline (``baseline_hf.py``: plain peft +
-``Trainer`` + bitsandbytes) train on the same rows with the same hyperparameters, back to back (which goes first
-alternates), so drift in the machine's speed hits both alike. Per run: the task metric on the eval rows,
+For every task, method and seed, peftkit (``run_peftkit.py``) and the hand-written peers (``baseline_hf.py``:
+plain peft + ``Trainer`` + bitsandbytes) train on the same rows, back to back (which goes first alternates), so
+drift in the machine's speed hits all alike. Two peers, two rows (``--peers``): ``peer``, the careful one, with
+every hyperparameter of peftkit's recipe (``bench_tasks.baseline_flags``), and ``naive``, the original baseline
+(random batches, peft's AdaLoRA defaults, nothing reallocating ranks). Per run: the task metric on the eval rows,
 trainable parameters (AdaLoRA before and after pruning), base-model memory, peak memory (the child's peak
-resident set from ``os.wait4``; on a GPU the allocator's peak), training seconds (evaluation excluded) and
-examples per second. The summary gives mean and spread over seeds and peftkit's ratios against the baseline.
+resident set from ``os.wait4``; on a GPU the allocator's peak), training seconds (the training loop alone, for
+every tool) and examples per second. The summary gives mean and spread over seeds and every row's ratios
+against the careful peer.
 ``--ablation`` adds peftkit runs without length-grouped batches; the padding table counts the tokens each way
 of batching computes on. Results: ``benchmarks/results/compare_methods/`` (JSON, Markdown, PNG).
 """
@@ -28,6 +31,9 @@ from common import (BENCH_DIR, child_env, describe_machine, fail, fmt, last_line
                     mean_spread, mib, results_dir, run_measured, write_results)
 
 SEED_LIST = [42, 1, 2, 3, 4, 5, 6, 7]
+# baseline_hf.py's --peer -> the tool a run is reported as; ratios are taken against the first
+PEERS = {"careful": "peer", "naive": "naive"}
+REFERENCE = PEERS["careful"]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -49,10 +55,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="CPU threads per run (OMP_NUM_THREADS; 0: torch's default). One by default: on a shared "
                         "machine, OpenMP threads that spin-wait for a busy core make runs 3-4x slower and erratic")
     p.add_argument("--concurrent", action="store_true",
-                   help="run peftkit and the baseline of a pair at the same time (one thread each on 2 cores)")
+                   help="run peftkit and the peers of a task, method and seed two at a time (one thread each on 2 "
+                        "cores): peftkit and the careful peer together, the naive peer when one of them ends")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild table and plots from the results.json in --out (an interrupted run's too)")
     p.add_argument("--no-baseline", action="store_true", help="peftkit runs only")
+    p.add_argument("--peers", nargs="+", choices=list(PEERS), default=list(PEERS),
+                   help="which hand-written peers run beside peftkit (default both)")
     p.add_argument("--ablation", action="store_true",
                    help="also run peftkit without length-grouped batches (first task, LoRA fp32, first seed)")
     p.add_argument("--data-root", help="folder laid out like ../shared/data (default: that folder)")
@@ -104,7 +113,7 @@ def model_folder(model: str) -> Path:
 
 def run_pair(prepared: Prepared, method: Method, seed: int, model: str, model_dir: Path, work: Path,
              args: argparse.Namespace, peftkit_first: bool, variant: str = "") -> list[dict[str, Any]]:
-    """peftkit and the baseline on one task, method and seed, back to back; one record each."""
+    """peftkit and the peers on one task, method and seed, back to back; one record each."""
     import yaml
 
     tag = f"{prepared.task.name}-{method.name}-{seed}{'-' + variant if variant else ''}"
@@ -116,19 +125,21 @@ def run_pair(prepared: Prepared, method: Method, seed: int, model: str, model_di
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     commands = {"peftkit": [sys.executable, BENCH_DIR / "run_peftkit.py", recipe_path]}
-    if not args.no_baseline and not variant:
-        commands["baseline"] = [sys.executable, BENCH_DIR / "baseline_hf.py",
-                                *baseline_flags(prepared, method, seed, model_dir), "--out", work / "hf" / tag]
-    order = list(commands) if peftkit_first else list(reversed(commands))
+    for peer in ([] if args.no_baseline or variant else args.peers):
+        commands[PEERS[peer]] = [sys.executable, BENCH_DIR / "baseline_hf.py", *baseline_flags(recipe, model_dir, peer),
+                                 "--out", work / "hf" / f"{tag}-{peer}"]
+    order = list(commands)  # peftkit, the careful peer, the naive peer: the first two swap places every other pair
+    if not peftkit_first and len(order) > 1:
+        order[:2] = order[1::-1]
 
     def measure(tool: str) -> dict[str, Any]:
         return run_measured(commands[tool], work / "logs" / f"{tag}-{tool}.log", threaded_env(args.threads),
                             timeout=args.timeout)
 
-    if args.concurrent:  # both at once: whatever else loads the machine meanwhile loads both alike
+    if args.concurrent:  # two at once: whatever else loads the machine meanwhile loads both alike
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(len(order)) as pool:
+        with ThreadPoolExecutor(2) as pool:
             done = dict(zip(order, pool.map(measure, order)))
     else:
         done = {tool: measure(tool) for tool in order}
@@ -167,8 +178,8 @@ def summarize(records: list[dict[str, Any]], tasks: list[str], methods: list[str
         metric = TASKS[task].metric
         for method in methods:
             by_tool: dict[str, dict[str, Any]] = {}
-            for tool, variant in (("peftkit", None), ("peftkit", "ungrouped"), ("baseline", None)):
-                runs = [r for r in records if r["task"] == task and r["method"] == method and r["tool"] == tool
+            for tool, variant in (("peftkit", None), ("peftkit", "ungrouped"), *((t, None) for t in PEERS.values())):
+                runs = [r for r in records if r["task"] == task and r["method"] == method and _tool(r) == tool
                         and r["variant"] == variant and r["ok"]]
                 if not runs:
                     continue
@@ -186,11 +197,11 @@ def summarize(records: list[dict[str, Any]], tasks: list[str], methods: list[str
                     "seeds": [r["seed"] for r in runs],
                 }
                 rows.append(row)
-            base = by_tool.get("baseline")
+            base = by_tool.get(REFERENCE)
             for name, row in by_tool.items():
-                if base is None or name == "baseline":
+                if base is None or name == REFERENCE:
                     continue
-                row["vs_baseline"] = {
+                row["vs_peer"] = {
                     "speedup": _ratio(row["examples_per_second"]["mean"], base["examples_per_second"]["mean"]),
                     "memory_ratio": _ratio(row["peak_bytes"]["mean"], base["peak_bytes"]["mean"]),
                     "time_ratio": _ratio(row["train_seconds"]["mean"], base["train_seconds"]["mean"]),
@@ -198,6 +209,11 @@ def summarize(records: list[dict[str, Any]], tasks: list[str], methods: list[str
                     else row["metric"]["mean"] - base["metric"]["mean"],
                 }
     return rows
+
+
+def _tool(record: dict[str, Any]) -> str:
+    # results.json files written before the careful peer call the naive one "baseline"
+    return "naive" if record["tool"] == "baseline" else record["tool"]
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -220,17 +236,17 @@ def _trainable_cell(row: dict[str, Any]) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    vs = lambda r, k, d=2: fmt((r.get("vs_baseline") or {}).get(k), d)  # noqa: E731
+    vs = lambda r, k, d=2: fmt((r.get("vs_peer") or {}).get(k), d)  # noqa: E731
     return markdown_table(rows, [
         ("task", lambda r: r["task"]), ("method", lambda r: METHODS[r["method"]].label), ("tool", lambda r: r["tool"]),
         ("metric", lambda r: f"{r['metric_name']} {_metric_cell(r)}"),
         ("trainable params", _trainable_cell), ("base MiB", lambda r: mib(r["base_memory_bytes"])),
         ("peak MiB", lambda r: mib(r["peak_bytes"]["mean"])), ("train s", lambda r: fmt(r["train_seconds"]["mean"])),
         ("examples/s", lambda r: fmt(r["examples_per_second"]["mean"])),
-        ("speed vs baseline", lambda r: vs(r, "speedup")), ("memory vs baseline", lambda r: vs(r, "memory_ratio")),
-        ("metric − baseline", lambda r: fmt((r.get("vs_baseline") or {}).get("metric_difference"),
-                                            1 if r["metric_name"] == "accuracy" else 3,
-                                            100.0 if r["metric_name"] == "accuracy" else 1.0)),
+        ("speed vs peer", lambda r: vs(r, "speedup")), ("memory vs peer", lambda r: vs(r, "memory_ratio")),
+        ("metric − peer", lambda r: fmt((r.get("vs_peer") or {}).get("metric_difference"),
+                                        1 if r["metric_name"] == "accuracy" else 3,
+                                        100.0 if r["metric_name"] == "accuracy" else 1.0)),
     ])
 
 
@@ -239,9 +255,9 @@ def padding_table(padding: dict[str, Any]) -> str:
     return markdown_table(rows, [
         ("task", lambda r: r["task"]), ("rows", lambda r: r["rows"]), ("mean tokens", lambda r: r["mean_tokens"]),
         ("real share, pad to max_length", lambda r: f"{100 * r['real_share']['max_length']:.0f} %"),
-        ("real share, random batches (baseline)", lambda r: f"{100 * r['real_share']['random']:.0f} %"),
+        ("real share, random batches (naive peer)", lambda r: f"{100 * r['real_share']['random']:.0f} %"),
         ("real share, peftkit batches", lambda r: f"{100 * r['real_share']['peftkit']:.0f} %"),
-        ("tokens computed, baseline / peftkit", lambda r: f"{r['random_over_peftkit']:.2f}"),
+        ("tokens computed, naive / peftkit", lambda r: f"{r['random_over_peftkit']:.2f}"),
     ])
 
 
@@ -271,7 +287,7 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[str]:
             return out
 
         path = folder / f"{task}.png"
-        grouped_bars(path, f"{task}: peftkit against the hand-written baseline (mean ± std over seeds)",
+        grouped_bars(path, f"{task}: peftkit against the hand-written peers (mean ± std over seeds)",
                      [METHODS[m].label for m in methods],
                      [(f"{metric}{' %' if metric == 'accuracy' else ''}", series("metric", factor=scale)),
                       ("training examples / s", series("examples_per_second")),
@@ -282,11 +298,11 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[str]:
 
 
 def ratio_plot(rows: list[dict[str, Any]], folder: Path) -> Optional[str]:
-    """Every task and method in one picture: peftkit's speed and peak memory over the baseline's, against the
-    issue's targets (at least 1.3x the speed, at most 1.0x the memory). None when no run had a baseline."""
+    """Every task and method in one picture: peftkit's speed and peak memory over the careful peer's, against
+    the issue's targets (at least 1.3x the speed, at most 1.0x the memory). None when no run had a peer."""
     from plots import grouped_bars
 
-    paired = [r for r in rows if r["tool"] == "peftkit" and r.get("vs_baseline")]
+    paired = [r for r in rows if r["tool"] == "peftkit" and r.get("vs_peer")]
     if not paired:
         return None
     tasks = list(dict.fromkeys(r["task"] for r in paired))
@@ -295,14 +311,15 @@ def ratio_plot(rows: list[dict[str, Any]], folder: Path) -> Optional[str]:
     def series(key: str) -> dict[str, Any]:
         out = {}
         for task in tasks:
-            by_method = {r["method"]: r["vs_baseline"][key] for r in paired if r["task"] == task}
+            by_method = {r["method"]: r["vs_peer"][key] for r in paired if r["task"] == task}
             out[task] = ([by_method.get(m) for m in methods], [None] * len(methods))
         return out
 
     path = folder / "ratios.png"
-    grouped_bars(path, "peftkit over the hand-written baseline (mean over seeds)", [METHODS[m].label for m in methods],
-                 [("training speed vs baseline (x)", series("speedup")),
-                  ("peak memory vs baseline (x)", series("memory_ratio"))], targets=[1.3, 1.0])
+    grouped_bars(path, "peftkit over the careful hand-written peer (mean over seeds)",
+                 [METHODS[m].label for m in methods], [("training speed vs peer (x)", series("speedup")),
+                                                       ("peak memory vs peer (x)", series("memory_ratio"))],
+                 targets=[1.3, 1.0])
     return path.name
 
 
@@ -337,7 +354,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                                            max_steps=(args.max_steps or task.max_steps) if task.max_steps else None)
         settings["tasks"][task_name] = {
             "model": model, "train_rows": prepared.n_train, "eval_rows": prepared.n_eval, "seeds": SEED_LIST[:n_seeds],
-            "threads": args.threads or "default", "concurrent_pairs": args.concurrent, "max_length": task.max_length,
+            "threads": args.threads or "default", "concurrent_pairs": args.concurrent, "peers": args.peers,
+            "max_length": task.max_length,
             "batch_size": task.batch_size, "lr": task.lr, "full_lr": task.full_lr,
             "r": task.r, "epochs": 1, "max_steps": task.max_steps, "metric": task.metric, "labels": prepared.labels,
         }
@@ -373,8 +391,8 @@ def report(folder: Path, payload: dict[str, Any]) -> int:
     threads, concurrent = first.get("threads", "default"), first.get("concurrent_pairs", False)
     markdown = "\n\n".join([
         f"Machine: {describe_machine(machine)}.",
-        f"Settings ({threads} CPU thread(s) per run; peftkit and baseline of a pair run "
-        f"{'at the same time' if concurrent else 'back to back'}): "
+        f"Settings ({threads} CPU thread(s) per run; peftkit and the peers run "
+        f"{'two at a time' if concurrent else 'back to back'}): "
         + "; ".join(f"{k}: {v['train_rows']} train rows, {v['eval_rows']} eval rows, max length {v['max_length']}, "
                     f"batch {v['batch_size']}, seeds {[s for s in v['seeds'] if any(r['seed'] == s and r['task'] == k for r in records)]}"
                     + (f", {v['max_steps']} steps" if v["max_steps"] else "")

@@ -66,7 +66,7 @@ def test_compare_methods_reports_every_run(tiny_dir: Path, data_root: Path, tmp_
     payload = json.loads((out / "results.json").read_text())
     assert payload["machine"]["cores"] >= 1 and payload["machine"]["torch"]
     runs = {r["tool"]: r for r in payload["runs"]}
-    assert sorted(runs) == ["baseline", "peftkit"] and all(r["method"] == "adalora-4bit" for r in runs.values())
+    assert sorted(runs) == ["naive", "peer", "peftkit"] and all(r["method"] == "adalora-4bit" for r in runs.values())
     expected_trainable, expected_memory = tiny_adalora_start(tiny_dir / "bert")
     for run in runs.values():
         result = run["result"]
@@ -77,21 +77,215 @@ def test_compare_methods_reports_every_run(tiny_dir: Path, data_root: Path, tmp_
         assert result["base_memory_bytes"] == expected_memory
         # the child's own high-water mark: above its model, and not the parent's, whose peak ru_maxrss carries
         assert result["base_memory_bytes"] < run["peak_rss_bytes"] == result["peak_rss_bytes"]
-    peftkit, baseline = runs["peftkit"]["result"], runs["baseline"]["result"]
-    # only peftkit prunes: its effective count drops with the budget, the baseline keeps every rank
-    assert peftkit["adalora"]["final_budget"] < peftkit["adalora"]["initial_budget"]
-    assert peftkit["trainable_final"] < peftkit["trainable_start"]
-    assert baseline["trainable_final"] == baseline["trainable_start"]
+    # peftkit and the careful peer prune to the same budget (their effective count drops with it); the naive
+    # peer, with nothing calling update_and_allocate, keeps every rank
+    for pruned in (runs["peftkit"]["result"], runs["peer"]["result"]):
+        budget = pruned["adalora"]
+        assert budget["final_budget"] <= budget["target_budget"] < budget["initial_budget"]
+        assert pruned["trainable_final"] < pruned["trainable_start"]
+    assert runs["peftkit"]["result"]["adalora"]["target_budget"] == runs["peer"]["result"]["adalora"]["target_budget"]
+    naive = runs["naive"]["result"]
+    assert naive["trainable_final"] == naive["trainable_start"] and "adalora" not in naive
 
     summary = {r["tool"]: r for r in payload["summary"]}
-    ratio = summary["peftkit"]["vs_baseline"]["speedup"]
-    assert ratio == pytest.approx(summary["peftkit"]["examples_per_second"]["mean"]
-                                  / summary["baseline"]["examples_per_second"]["mean"])
+    assert "vs_peer" not in summary["peer"]
+    for tool in ("peftkit", "naive"):  # every row against the careful peer
+        assert summary[tool]["vs_peer"]["speedup"] == pytest.approx(
+            summary[tool]["examples_per_second"]["mean"] / summary["peer"]["examples_per_second"]["mean"])
     assert payload["padding"]["sst2"]["real_tokens"] <= payload["padding"]["sst2"]["computed_tokens"]["peftkit"]
     table = (out / "results.md").read_text()
-    assert "| sst2 | AdaLoRA NF4 | peftkit |" in table and "speed vs baseline" in table
+    assert all(f"| sst2 | AdaLoRA NF4 | {tool} |" in table for tool in runs) and "speed vs peer" in table
     assert (out / "sst2.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "ratios.png").read_bytes()[:8] == PNG_MAGIC and "ratios.png" in payload["plots"]
+
+
+
+@pytest.fixture(scope="module")
+def varied_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like ``data_root``, but the rows run from 2 to 21 words: the order rows are batched in changes the padding."""
+    import random
+
+    rng = random.Random(5)
+
+    def rows(n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = rng.sample(tiny.FILLER, rng.randint(1, 20)) + [rng.choice(tiny.POSITIVE if label else tiny.NEGATIVE)]
+            out.append({"sentence": " ".join(words), "label": label})
+        return out
+
+    root = tmp_path_factory.mktemp("varied-data")
+    sst2 = root / "glue" / "SST-2"
+    sst2.mkdir(parents=True)
+    tiny.write_tsv(sst2 / "train.tsv", rows(256))
+    tiny.write_tsv(sst2 / "dev.tsv", rows(16))
+    return root
+
+
+def bench_recipe(tiny_dir: Path, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+                 rows: int = 48, **train: object) -> dict:
+    """compare_methods' peftkit recipe for SST-2 rows of ``root`` on the tiny BERT (batch 8, length 32)."""
+    from dataclasses import replace
+
+    import bench_tasks
+
+    monkeypatch.setattr(bench_tasks, "DATA_ROOT", [root])
+    task = replace(bench_tasks.TASKS["sst2"], batch_size=8, max_length=32)
+    prepared = bench_tasks.prepare(task, tmp_path / "data", rows, 16)
+    recipe = bench_tasks.peftkit_recipe(prepared, bench_tasks.METHODS[method], 42, tmp_path)
+    recipe["base"]["model"] = str(tiny_dir / "bert")
+    recipe["train"].update(train)
+    return recipe
+
+
+def peer(recipe: dict, tiny_dir: Path, tmp_path: Path, which: str = "careful", *extra: str):
+    """(args, built) of baseline_hf for ``recipe``, with the flags compare_methods gives it (then ``extra``)."""
+    import baseline_hf
+    from bench_tasks import baseline_flags
+
+    args = baseline_hf.parse_args([*baseline_flags(recipe, tiny_dir / "bert", which), *extra,
+                                   "--out", str(tmp_path / f"hf-{which}")])
+    return args, baseline_hf.build(args)
+
+
+def groups_by_name(model, optimizer) -> dict[str, tuple[float, float]]:
+    """Parameter name -> (learning rate, weight decay) of the optimizer group holding it."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_careful_peer_trains_with_peftkits_settings(method: str, tiny_dir: Path, varied_root: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from peftkit import training
+    from peftkit.build import build_model, plan_run
+    from peftkit.recipe import build_recipe
+
+    # a head learning rate and weight decay of their own, so that every kind of group shows
+    recipe = bench_recipe(tiny_dir, varied_root, tmp_path, monkeypatch, method, head_lr=3e-3, weight_decay=0.01)
+    args, built = peer(recipe, tiny_dir, tmp_path)
+    rec = build_recipe(recipe)
+    plan = plan_run(rec)
+    ours = build_model(plan, torch.device("cpu"))
+    # the same tokens (max length), the same trainable parameters (targets, rank, head), the same step count
+    assert built.trainer.train_dataset["input_ids"] == plan.train_rows["input_ids"]
+    assert {n: p.shape for n, p in built.model.named_parameters() if p.requires_grad} == \
+        {n: p.shape for n, p in ours.model.named_parameters() if p.requires_grad}
+    assert built.steps == plan.total_steps == 6
+    # every parameter at peftkit's learning rate and weight decay: head, adapter (AdaLoRA's at lr_scale x lr), norms
+    peftkit_optimizer = training._optimizer(ours.model, rec, ours.head_modules)
+    expected = groups_by_name(ours.model, peftkit_optimizer)
+    assert groups_by_name(built.model, built.trainer.optimizer) == expected
+    assert len(set(expected.values())) == (4 if method == "adalora" else 3)
+    # the same learning rate at every step (warm-up, schedule), and the same clip and batch size
+    peftkit_schedule = training._scheduler(peftkit_optimizer, rec, plan.total_steps)
+    assert [built.trainer.lr_scheduler.lr_lambdas[0](s) for s in range(7)] == \
+        [peftkit_schedule.lr_lambdas[0](s) for s in range(7)]
+    assert built.trainer.args.max_grad_norm == rec.train.max_grad_norm
+    assert built.trainer.args.per_device_train_batch_size == rec.train.batch_size
+    config, theirs = built.model.peft_config["default"], ours.model.peft_config["default"]
+    fields = ["target_modules", "lora_alpha", "lora_dropout"] + (
+        ["init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "total_step"] if method == "adalora"
+        else ["r"])
+    assert {f: getattr(config, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
+    if method == "adalora":
+        # peft would add the regularizer to the loss; the peer adds peftkit's weight after the clip instead
+        assert config.orth_reg_weight == 0 and built.driver.orth_reg_weight == theirs.orth_reg_weight == 0.1
+        import baseline_hf
+
+        for name, q in baseline_hf.adalora_matrices(built.model):  # P and Q start orthonormal, as peftkit's
+            gram = q @ q.T if ".lora_A." in name else q.T @ q
+            assert torch.allclose(gram, torch.eye(gram.shape[0]), atol=1e-5), name
+
+
+def test_careful_peer_batches_rows_of_similar_length(tiny_dir: Path, varied_root: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = bench_recipe(tiny_dir, varied_root, tmp_path, monkeypatch, "lora", rows=256)
+
+    def batches(which: str) -> tuple[int, int, int]:
+        """(rows, real tokens, padding tokens) over the training batches the peer's Trainer draws."""
+        _, built = peer(recipe, tiny_dir, tmp_path, which)
+        rows = real = padded = 0
+        for batch in built.trainer.get_train_dataloader():
+            mask = batch["attention_mask"]
+            rows, real, padded = rows + mask.shape[0], real + int(mask.sum()), padded + int((mask == 0).sum())
+        return rows, real, padded
+
+    careful, naive = batches("careful"), batches("naive")
+    assert careful[:2] == naive[:2] == (256, careful[1])  # every row once, the same tokens
+    # lengths run 4 to 23 tokens: random batches of 8 pad about 7 tokens a row, grouped ones under 2
+    assert careful[2] * 3 < naive[2]
+
+
+def test_careful_adalora_reallocates_ranks(tiny_dir: Path, varied_root: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import baseline_hf
+
+    recipe = bench_recipe(tiny_dir, varied_root, tmp_path, monkeypatch, "adalora")
+    args, built = peer(recipe, tiny_dir, tmp_path)
+    result = baseline_hf.train_and_evaluate(built, args)
+    budget = result["adalora"]
+    assert built.driver.reallocations == result["optimizer_steps"] == 6
+    assert budget["final_budget"] <= budget["target_budget"] < budget["initial_budget"]
+    assert result["trainable_final"] < result["trainable_start"]
+    # peft's mask fixed after step total - tfinal: the pruned singular values stay at zero to the end
+    pattern = built.model.peft_config["default"].rank_pattern
+    assert pattern and sum(sum(mask) for mask in pattern.values()) == budget["final_budget"]
+    kept = sum(int(p.count_nonzero()) for n, p in built.model.named_parameters() if "lora_E" in n)
+    assert kept <= budget["final_budget"]
+
+
+@pytest.mark.parametrize("which", ["careful", "naive"])
+def test_only_the_careful_peer_adds_the_regularizer_after_the_clip(which: str, tiny_dir: Path, varied_root: Path,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the clip at 1e-6 and peft's N(0, 0.02) init, the regularizer's gradient is far above the clip: it
+    reaches the optimizer whole only when it is added after the clip."""
+    import torch
+    from transformers import TrainerCallback
+
+    recipe = bench_recipe(tiny_dir, varied_root, tmp_path, monkeypatch, "adalora")
+    recipe["adapter"].update(orthogonal_init=False, orth_reg_weight=0.5)
+    extra = ["--max-grad-norm", "1e-6", "--max-steps", "3", "--adalora-warmup", "0", "--adalora-final", "1"]
+    args, built = peer(recipe, tiny_dir, tmp_path, which, *extra, *(["--orth-reg-weight", "0.5"] * (which == "naive")))
+    norms = []
+
+    class Norm(TrainerCallback):  # added after the peer's own callbacks, so it sees what the optimizer will
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            grads = [p.grad for p in built.model.parameters() if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    built.trainer.add_callback(Norm())
+    built.trainer.train()
+    assert len(norms) == 3
+    if which == "careful":
+        assert min(norms) > 1e-3
+    else:
+        assert max(norms) <= 1.01e-6
+
+
+def test_naive_peer_refuses_what_only_the_careful_one_does(capsys: pytest.CaptureFixture) -> None:
+    import baseline_hf
+
+    with pytest.raises(SystemExit) as exc:
+        baseline_hf.parse_args(["--peer", "naive", "--head-lr", "1e-3"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == \
+        "Error: --head-lr: the naive peer has no such setting; drop it or use --peer careful"
+
+
+def test_baseline_flags_refuse_a_recipe_the_careful_peer_does_not_write(tiny_dir: Path, varied_root: Path,
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench_tasks import baseline_flags
+
+    recipe = bench_recipe(tiny_dir, varied_root, tmp_path, monkeypatch, "lora", grad_accum=2)
+    with pytest.raises(ValueError, match=r"^the careful peer does not reproduce train.grad_accum; keep"):
+        baseline_flags(recipe, tiny_dir / "bert")
+    assert "--peer" in baseline_flags(recipe, tiny_dir / "bert", "naive")  # the naive peer takes its own defaults
 
 
 def test_throughput_counts_what_the_quantized_layers_hold(tiny_dir: Path, tmp_path: Path) -> None:
