@@ -107,7 +107,9 @@ def make_variants(source: Path, root: Path, count: int, bits: int, seed: int, no
             fields["recipe"] = {**fields["recipe"], "quantization": quant}
         info = {"of": metadata["name"], "index": index, "lora_B_factor": round(factor, 4),
                 "lora_B_noise": 0.0 if index == 0 else noise, "synthetic": index > 0}
-        seal(folder, {**fields, "benchmark_variant": info})
+        # peftkit.json's schema has no benchmark field: lineage goes under provenance
+        fields["provenance"] = {**fields.get("provenance", {}), "benchmark_variant": info}
+        seal(folder, fields)
         variants.append({"name": name, **info})
     return variants
 
