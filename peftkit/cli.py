@@ -160,43 +160,6 @@ def adapters_rm(name: str, registry: str) -> None:
     click.echo(f"removed {name}" if whole else f"removed {name} (an incomplete folder, without its peftkit.json)")
 
 
-@main.group()
-def adalora() -> None:
-    """AdaLoRA tools."""
-
-
-@adalora.command("to-lora")
-@click.argument("source")
-@click.option("--name", required=True, help="Name of the LoRA adapter to register.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing adapter of that name.")
-@click.option("--check", default=64, show_default=True, metavar="N", type=click.IntRange(min=0),
-              help="Compare both adapters' outputs on N eval rows (0: skip).")
-@_registry_option
-@_friendly
-def adalora_to_lora(source: str, name: str, overwrite: bool, check: int, registry: str) -> None:
-    """Convert AdaLoRA adapter SOURCE into an exact plain-LoRA adapter NAME with per-module ranks."""
-    from .convert import measure_conversion, to_lora
-    from .views import conversion_summary
-    from .registry import Registry
-
-    reg = Registry(registry)
-    to_lora(reg, source, name, overwrite=overwrite, warn=lambda m: click.echo(f"Warning: {m}", err=True))
-    click.echo(conversion_summary(reg, source, name))
-    if check > 0:
-        m = measure_conversion(reg, source, name, check)
-        click.echo(f"outputs on {m['rows']} eval rows: max difference {m['max_abs_diff']:.2e} "
-                   f"({m['max_rel_diff']:.2e} of the largest output), same prediction on "
-                   f"{100 * m['same_argmax']:.1f}% of rows")
-
-
-_serve_options = [
-    click.option("--adapter", "adapters_", multiple=True, required=True, metavar="NAME",
-                 help="A registered adapter (repeatable: all share one base); `base` is the base model alone."),
-    click.option("--unquantized", is_flag=True, help="Load the base unquantized (adapters trained on 4/8 bits)."),
-    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
-]
-
-
 def _trust(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--trust-remote-code`` and ``--allow-pickle``, handed to the command as one ``trust`` dict of keyword
     arguments for the library: the only way to switch either on for an adapter (its stored recipe never does)."""
@@ -209,6 +172,45 @@ def _trust(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args, trust={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}, **kwargs)
 
     return wrapper
+
+
+@main.group()
+def adalora() -> None:
+    """AdaLoRA tools."""
+
+
+@adalora.command("to-lora")
+@click.argument("source")
+@click.option("--name", required=True, help="Name of the LoRA adapter to register.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing adapter of that name.")
+@click.option("--check", default=64, show_default=True, metavar="N", type=click.IntRange(min=0),
+              help="Compare both adapters' outputs on N eval rows (0: skip).")
+@_registry_option
+@_trust
+@_friendly
+def adalora_to_lora(source: str, name: str, overwrite: bool, check: int, registry: str,
+                     trust: dict[str, bool]) -> None:
+    """Convert AdaLoRA adapter SOURCE into an exact plain-LoRA adapter NAME with per-module ranks."""
+    from .convert import measure_conversion, to_lora
+    from .views import conversion_summary
+    from .registry import Registry
+
+    reg = Registry(registry)
+    to_lora(reg, source, name, overwrite=overwrite, warn=lambda m: click.echo(f"Warning: {m}", err=True))
+    click.echo(conversion_summary(reg, source, name))
+    if check > 0:
+        m = measure_conversion(reg, source, name, check, **trust)
+        click.echo(f"outputs on {m['rows']} eval rows: max difference {m['max_abs_diff']:.2e} "
+                   f"({m['max_rel_diff']:.2e} of the largest output), same prediction on "
+                   f"{100 * m['same_argmax']:.1f}% of rows")
+
+
+_serve_options = [
+    click.option("--adapter", "adapters_", multiple=True, required=True, metavar="NAME",
+                 help="A registered adapter (repeatable: all share one base); `base` is the base model alone."),
+    click.option("--unquantized", is_flag=True, help="Load the base unquantized (adapters trained on 4/8 bits)."),
+    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
+]
 
 
 def _serve(fn: Callable[..., Any]) -> Callable[..., Any]:

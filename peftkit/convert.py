@@ -138,13 +138,15 @@ def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
     return target
 
 
-def measure_conversion(registry: Registry, source: str, name: str, n_rows: int = 64) -> dict[str, float]:
-    """Largest difference between the two adapters' outputs on ``n_rows`` of the source's eval data."""
+def measure_conversion(registry: Registry, source: str, name: str, n_rows: int = 64,
+                       **trust: bool) -> dict[str, float]:
+    """Largest difference between the two adapters' outputs on ``n_rows`` of the source's eval data
+    (``trust``: ``trust_remote_code`` / ``allow_pickle``, the caller's, as for ``load_trained``)."""
     from .data import encode, load_task_data
     from .evaluation import device_batch
     from .loading import load_trained
 
-    before, after = load_trained(registry.folder(source)), load_trained(registry.folder(name))
+    before, after = load_trained(registry.folder(source), **trust), load_trained(registry.folder(name), **trust)
     raw = load_task_data(before.recipe.data, before.task, before.recipe.train.seed)
     rows = encode(raw.eval.select(range(min(n_rows, len(raw.eval)))), before.task, before.tokenizer,
                   before.recipe.data.max_length)
