@@ -8,7 +8,7 @@ orthogonal regularization ``R = mean over A, B of ||A A^T - I||_F`` (or ``||B^T 
 which peft only does when the model computes its own loss. :class:`AdaLoraDriver` does all three.
 
 Why peftkit's defaults differ from LoRA's (measured on MiniLM / SST-2, dev accuracy; the hand-written runs
-are ``benchmarks/baseline_hf.py``, 4,000 rows, one epoch, lr 5e-4, the same 37 modules):
+are ``benchmarks/baseline_hf.py --peer naive``, 4,000 rows, one epoch, lr 5e-4, the same 37 modules):
 
 * Written by hand with peft + ``Trainer`` at peft's defaults (P, Q ~ N(0, 0.02), lambda = 0,
   ``orth_reg_weight`` 0.5), AdaLoRA stays at chance: 50.9 %, where LoRA reaches 82.2 %. The gradient clip is
