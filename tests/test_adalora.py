@@ -99,3 +99,48 @@ def test_rank_pattern_from_starts_lora_with_adalora_ranks(recipe_for):
     data["output"]["name"] = "typo"
     with pytest.raises(PeftkitError, match=r"^adapter.rank_pattern_from: no adapter named 'rnaks' in .*; did you mean ranks\?$"):
         train(build_recipe(data), **QUIET)
+
+
+@pytest.mark.parametrize("quant", ["fp32", "4bit"])
+def test_weights_leave_their_init_within_the_warm_up(recipe_for, quant, monkeypatch):
+    """Before the first pruning step (``tinit``) lambda grows from zero and P, Q turn away from orthonormal.
+
+    The allocator ranks singular values by ``|w * grad|``; if lambda were still ~0 at ``tinit`` (issue 14's
+    suspect for AdaLoRA at chance on short runs) the first pruning would rank noise. Measured here (train.lr
+    1e-3 as the shipped recipes, adapter lr 2e-3, 6 warm-up steps, lr x steps = 0.012): RMS change per module
+    lambda 0.0021 to 0.0051, P and Q 0.0006 to 0.0014 (0.5 % of their norm and up), fp32 and NF4 alike; a
+    frozen adapter moves 0.
+    """
+    from tests.test_training import record_initial_adapter
+
+    initial = record_initial_adapter(monkeypatch)
+    at_tinit: dict[str, torch.Tensor] = {}
+    budgets = []
+    original = adalora.AdaLoraDriver.after_optimizer_step
+
+    def snapshot(self, step):
+        if step == self.tuner.peft_config["default"].tinit:  # after its optimizer step, before any reallocation
+            budgets.append(sum(adalora.final_ranks(self.tuner).values()))
+            at_tinit.update({f"base_model.{n}": p.detach().clone() for n, p in self.tuner.named_parameters()
+                             if "lora_" in n})
+        return original(self, step)
+
+    monkeypatch.setattr(adalora.AdaLoraDriver, "after_optimizer_step", snapshot)
+    data = recipe_for(adapter="adalora", quant=quant, train={"max_steps": 8, "eval_at_start": False, "lr": 1e-3},
+                      output={"name": "warm-up"})
+    data["adapter"].update({"warmup": 6, "final": 1})
+    recipe = build_recipe(data)
+    result = train(recipe, **QUIET)
+
+    tinit = result.metadata["adapter"]["adalora"]["schedule"]["tinit"]
+    n_modules = len(result.metadata["adapter"]["adalora"]["final_ranks"])
+    assert tinit == 6 and budgets == [n_modules * recipe.adapter.init_r]  # nothing pruned yet
+    scale = recipe.train.lr * recipe.adapter.lr_scale * tinit  # about the most Adam can move a parameter
+    for kind, floor in (("E", 0.05), ("A", 0.02), ("B", 0.02)):
+        names = [n for n in initial if f".lora_{kind}." in n]
+        assert len(names) == n_modules
+        moved = {n: float((at_tinit[n] - initial[n]).pow(2).mean().sqrt()) for n in names}
+        still = {n: m for n, m in moved.items() if m < floor * scale}
+        assert not still, f"lora_{kind} barely moved in {tinit} warm-up steps (RMS change; lr x steps {scale:g}): " \
+                          f"{still}"
+    assert all(not initial[n].any() for n in initial if ".lora_E." in n)  # lambda starts at zero

@@ -58,8 +58,8 @@ def record_initial_adapter(monkeypatch) -> dict[str, torch.Tensor]:
     return initial
 
 
-def saved_adapter_changes(adapter_dir, initial: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Saved tensor name -> RMS of (saved - initial), for every LoRA / AdaLoRA tensor in the adapter's file.
+def saved_adapter_changes(adapter_dir, initial: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """Saved tensor name -> RMS of (saved - initial) (None: empty, a rank-0 module), for every LoRA / AdaLoRA tensor.
 
     peft saves AdaLoRA shrunk to the ranks its mask kept (``rank_pattern``); the initial tensors are cut the
     same way, so a pruned rank (its lambda zeroed by the mask) is not mistaken for one that never moved.
