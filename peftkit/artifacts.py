@@ -23,7 +23,7 @@ import os
 import uuid
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .staging import staged_folder  # noqa: F401  (writers import it from here)
 
@@ -55,6 +55,50 @@ def file_checksums(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != METADATA_FILE
     }
+
+
+def unreadable_file(name: str, head: bytes, size: int) -> Optional[str]:
+    """Why a recorded file cannot be what its name says, judged from its first bytes (None: it can be).
+
+    Checked before any loader sees it: a checksum can be recomputed by whoever swapped the file, and the
+    loaders (safetensors, json) answer a wrong file with a traceback rather than a line. A safetensors file
+    opens with its header's length (8 bytes, little-endian) and that many bytes of JSON.
+    """
+    if name.endswith(".safetensors"):
+        length = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+        if not 0 < length <= size - 8:
+            return "not a safetensors file"
+        try:
+            header = json.loads(head[8:8 + length])
+        except ValueError:
+            return "not a safetensors file (its header is not JSON)"
+        return None if isinstance(header, dict) else "not a safetensors file"
+    if name.endswith(".json"):
+        try:
+            json.loads(head)
+        except ValueError:
+            return "not valid JSON"
+    return None
+
+
+def check_readable(path: Path, head: bytes, size: int) -> None:
+    """Refuse a recorded file that is not what its name says, in one line (see :func:`unreadable_file`)."""
+    problem = unreadable_file(path.name, head, size)
+    if problem:
+        from .errors import PeftkitError
+
+        raise PeftkitError(f"{path} is {problem}, though its checksum was recorded so: the folder was tampered "
+                           "with; restore the adapter from a source you trust, or retrain it")
+
+
+def file_head(path: Path, name: str) -> bytes:
+    """As much of ``path`` as :func:`unreadable_file` needs: a safetensors header, or a whole JSON file."""
+    with path.open("rb") as fh:
+        if not name.endswith(".safetensors"):
+            return fh.read() if name.endswith(".json") else b""
+        first = fh.read(8)
+        length = int.from_bytes(first, "little") if len(first) == 8 else 0
+        return first + fh.read(min(length, 100 * 2**20))  # a real header is kilobytes; never read a bogus GB
 
 
 def build_metadata(**fields: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import read_metadata, sha256_file
+from .artifacts import check_readable, file_head, read_metadata, sha256_file
 from .build import load_base_for_task
 from .errors import PeftkitError
 from .models import BaseRef, fingerprint, load_tokenizer, pick_device, resolve_base, user_trust
@@ -33,6 +33,7 @@ def verify_files(folder: Path, metadata: dict[str, Any]) -> None:
             raise PeftkitError(f"{folder}: {relative} is missing; restore it or retrain the adapter")
         if sha256_file(path) != expected:
             raise PeftkitError(f"{path} is corrupt (its checksum differs from the one saved); restore it or retrain")
+        check_readable(path, file_head(path, relative), path.stat().st_size)
 
 
 def check_same_base(base: BaseRef, metadata: dict[str, Any], who: str) -> None:

@@ -76,6 +76,9 @@ def source_adapter(registry: Registry, source: str, action: str = "merge") -> tu
     if metadata.get("recipe", {}).get("adapter") is None:
         raise PeftkitError(f"{source} is a full fine-tune: it is already a whole transformers model with no adapter "
                            f"to {action}; load its folder with from_pretrained as it is")
+    from .loading import verify_files
+
+    verify_files(folder, metadata)  # before any of its files is read or copied
     return folder, metadata
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import read_metadata
+from .artifacts import check_readable, read_metadata
 from .errors import PeftkitError
 from .registry import Registry
 
@@ -53,6 +53,7 @@ def read_snapshot(registry: Registry, name: str) -> AdapterSnapshot:
         if hashlib.sha256(blob).hexdigest() != metadata["files"][relative]:
             raise PeftkitError(f"{folder / relative} is corrupt (its checksum differs from the one saved); "
                                "restore it or retrain")
+        check_readable(folder / relative, blob, len(blob))
     if metadata.get("recipe", {}).get("adapter") is None:
         raise PeftkitError(f"{name} is a fully fine-tuned model, not an adapter: it cannot share a base with "
                            f"others; use `peftkit eval {name}` for it alone")

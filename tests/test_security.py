@@ -137,6 +137,36 @@ def test_code_in_the_metadata_is_refused_before_export(copy, redigest):
     assert not marker.exists() and not (copy / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["predict", "eval", "export", "combine", "to-lora"])
+@pytest.mark.parametrize("replaced", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_swapped_adapter_file_with_its_checksums_redone_is_refused_unread(copy, command, replaced):
+    """Whoever swaps a file can recompute its sha256 and the digest: the file itself is checked before loading."""
+    folder, marker = copy / "adapters" / "tiny", copy / "ran"
+    (folder / replaced).write_bytes(pickle.dumps(Payload(marker)))
+
+    def rechecksum(metadata: dict[str, Any]) -> None:
+        from peftkit.artifacts import sha256_file
+
+        metadata["files"][replaced] = sha256_file(folder / replaced)
+
+    _edit_metadata(folder, rechecksum, redigest=True)
+    registry = str(copy / "adapters")
+    args = {"predict": ["predict", "a film", "--adapter", "tiny"],
+            "eval": ["eval", "tiny", "--data", str(copy / "nothing.tsv")],
+            "export": ["export", "tiny", "--out", str(copy / "export")],
+            "combine": ["combine", "tiny", "tiny", "--weights", "0.5,0.5", "--name", "both"],
+            "to-lora": ["adalora", "to-lora", "tiny", "--name", "plain"]}[command]
+    line = error_line(*args, "--registry", registry)
+    what = "not a safetensors file" if replaced.endswith(".safetensors") else "not valid JSON"
+    if command == "to-lora":  # it reads the metadata first, and refuses what is not AdaLoRA
+        assert line.startswith("Error: tiny is a lora adapter"), line
+        return
+    assert line == (f"Error: {folder / replaced} is {what}, though its checksum was recorded so: the folder was "
+                    "tampered with; restore the adapter from a source you trust, or retrain it")
+    assert not marker.exists() and not (copy / "export").exists()
+    assert Registry(registry).names() == ["tiny"]
+
+
 def test_text_from_the_metadata_reaches_the_card_as_data(copy):
     """Label names are free text: in the card's code they are string literals, and nothing runs the code."""
     folder, marker = copy / "adapters" / "tiny", copy / "ran"
