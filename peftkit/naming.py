@@ -5,9 +5,10 @@ import re
 from .errors import PeftkitError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# names with a meaning of their own: `base` is the base model without adapter in predict/generate/serving
-# (peftkit.serving.BASE, pinned equal by a test); an adapter called so could never be asked for
-RESERVED = {"base": "it stands for the base model without adapter in predict, generate and serving"}
+# the name predict/generate/serving give the base model without adapter (peftkit.serving uses this one)
+BASE = "base"
+# names with a meaning of their own: an adapter called so could never be asked for
+RESERVED = {BASE: "it stands for the base model without adapter in predict, generate and serving"}
 
 
 def check_adapter_name(name: str) -> str:

@@ -23,12 +23,12 @@ from .cpu_paths import path_for
 from .errors import PeftkitError
 from .models import describe_quantization, load_pretrained, load_tokenizer, memory_footprint, \
     pick_device, resolve_base, user_trust
+from .naming import BASE
 from .quantized import freeze_quantized_layers
 from .registry import Registry
 from .served_adapter import ServedAdapter, prepare
 from .snapshot import read_snapshot
 
-BASE = "base"
 _PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 

@@ -17,9 +17,7 @@ from safetensors.torch import save_file
 from peftkit import staging
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
-from peftkit.naming import RESERVED
 from peftkit.registry import Registry
-from peftkit.serving import BASE
 from peftkit.staging import STALE_SECONDS, staged_folder, sweep
 
 
@@ -165,10 +163,6 @@ def test_a_name_is_held_by_one_process_and_freed_when_it_dies(tmp_path):
     with Registry(tmp_path).reserve("a", "output.name"):
         pass
     assert list(tmp_path.iterdir()) == []
-
-
-def test_reserved_names_are_those_serving_gives_a_meaning():
-    assert BASE in RESERVED
 
 
 def test_overwrite_replaces_the_whole_run(recipe_for, tmp_path):
