@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from .artifacts import staged_folder
-from .errors import PeftkitError
+from .errors import PeftkitError, first_line
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -212,10 +212,6 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str
     return weights, state, progress
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
-
-
 def load_checkpoint(path: Path, model: torch.nn.Module, unwrapped: torch.nn.Module, optimizer: Any, scheduler: Any,
                     sharded: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore a checkpoint in place, on every process; return (progress, extra)."""
@@ -243,7 +239,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, unwrapped: torch.nn.Modu
         set_rng_state(state["rng"])
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
         raise PeftkitError(
-            f"checkpoint {path} does not fit this run ({type(exc).__name__}: {_first_line(exc)}); delete it to "
+            f"checkpoint {path} does not fit this run ({type(exc).__name__}: {first_line(exc)}); delete it to "
             "resume from an earlier one, or start over with --overwrite"
         ) from None
     return progress, state.get("extra", {})

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .errors import PeftkitError
+from .errors import PeftkitError, first_line
 from .recipe import DataSection, DataSource
 from .tasks.base import TaskHead
 
@@ -83,7 +83,7 @@ def _root_message(exc: BaseException) -> str:
     # datasets wraps the parser's error ("Expected 2 fields in line 3, saw 4") in a generic one
     while (exc.__cause__ or exc.__context__) is not None:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first_line(exc)
 
 
 @contextlib.contextmanager

@@ -22,3 +22,8 @@ class RecipeError(PeftkitError):
             listed = "; ".join(problems)
             message = f"{source}: {len(problems)} problems: {listed}"
         super().__init__(message)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's error message (its type's name when it has none): what a one-line error quotes."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from .errors import PeftkitError
+from .errors import PeftkitError, first_line
 from .recipe import BaseModelSection, QuantizationSection
 
 if TYPE_CHECKING:
@@ -310,7 +310,7 @@ def load_pretrained(auto_class: Any, ref: BaseRef, base: BaseModelSection, quant
             **kwargs,
         )
     except (OSError, ValueError) as exc:
-        raise PeftkitError(f"base.model: could not load {ref.identity} from {ref.path}: {_first_line(exc)}") from None
+        raise PeftkitError(f"base.model: could not load {ref.identity} from {ref.path}: {first_line(exc)}") from None
     except pickle.UnpicklingError:  # base.allow_pickle, and torch's weights-only unpickler met more than tensors
         raise PeftkitError(f"base.model: the pickled weights in {ref.path} hold more than tensors, so torch's "
                            "weights-only loader refused them and nothing in them ran; get the model as safetensors "
@@ -322,10 +322,6 @@ def load_pretrained(auto_class: Any, ref: BaseRef, base: BaseModelSection, quant
     return model
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def load_tokenizer(ref: BaseRef, base: BaseModelSection) -> Any:
     from transformers import AutoTokenizer
 
@@ -333,7 +329,7 @@ def load_tokenizer(ref: BaseRef, base: BaseModelSection) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=base.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise PeftkitError(f"base.model: could not load the tokenizer of {ref.identity} from {ref.path}: "
-                           f"{_first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
