@@ -1,6 +1,8 @@
 """The hand-written peers: the same fine-tuning written with plain peft, transformers and bitsandbytes.
 
-No peftkit inside: ``Trainer``, peft's ``get_peft_model`` and ``BitsAndBytesConfig``. Two peers:
+No peftkit inside: ``Trainer``, peft's ``get_peft_model`` and ``BitsAndBytesConfig``. The one peftkit import is
+``peftkit.metrics.classification_scores``, a pure function of predicted and true label ids (accuracy, macro
+F1, Matthews correlation), so that both tools score the eval rows identically. Two peers:
 
 ``--peer careful`` (the default) is what a careful user writes, and what peftkit is compared against. It
 differs from the naive peer in how it trains, and compare_methods gives it every value of peftkit's recipe
@@ -35,7 +37,7 @@ with nothing calling ``update_and_allocate`` (so it keeps every rank) and the re
 ``--train``/``--eval`` take JSON lines with ``text`` (and ``text_pair``) and ``label``, or ``instruction``,
 ``input`` and ``output`` for ``--task causal_lm`` (the prompt is written with the chat template and masked out
 of the loss, and the held-out loss is averaged over response tokens). Prints the settings and results as JSON
-on a ``BENCH_RESULT`` line: dev metric, training seconds, examples per second, trainable parameters (AdaLoRA's
+on a ``BENCH_RESULT`` line: dev metrics, training seconds, examples per second, trainable parameters (AdaLoRA's
 after pruning too), base-model memory and, on a GPU, the allocator's peak. Training seconds are the training
 loop alone, ``on_train_begin`` to ``on_train_end``: model load, tokenization, optimizer setup and evaluation
 are outside it, as they are outside peftkit's (``run_peftkit.py``).
@@ -58,6 +60,7 @@ import torch
 from transformers import TrainerCallback
 
 from common import emit_result, fail
+from peftkit.metrics import classification_scores
 from run_peftkit import adapter_parameters_kept
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "SST-2"
@@ -380,7 +383,8 @@ def train_and_evaluate(built: Built, args: argparse.Namespace) -> dict[str, Any]
     examples = min(built.collator.rows, built.steps * args.batch_size)
     if args.task == "classification":
         predictions = built.trainer.predict(built.dev)
-        metrics = {"accuracy": float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())}
+        logits = predictions.predictions
+        metrics = classification_scores(logits.argmax(-1).tolist(), predictions.label_ids.tolist(), logits.shape[-1])
     else:
         metrics = {"loss": heldout_loss(built.model, built.dev, built.collator.inner, args.eval_batch_size)}
     result: dict[str, Any] = {

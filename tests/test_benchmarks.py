@@ -224,9 +224,16 @@ def test_careful_adalora_reallocates_ranks(tiny_dir: Path, varied_root: Path, tm
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import baseline_hf
 
+    from peftkit.metrics import classification_scores
+
     recipe = bench_recipe(tiny_dir, varied_root, tmp_path, monkeypatch, "adalora")
     args, built = peer(recipe, tiny_dir, tmp_path)
     result = baseline_hf.train_and_evaluate(built, args)
+    # scored by peftkit's own function, every metric a task may compare
+    predicted = built.trainer.predict(built.dev)
+    assert result["metrics"] == classification_scores(predicted.predictions.argmax(-1).tolist(),
+                                                      predicted.label_ids.tolist(), 2)
+    assert set(result["metrics"]) == {"accuracy", "macro_f1", "matthews"}
     budget = result["adalora"]
     assert built.driver.reallocations == result["optimizer_steps"] == 6
     assert budget["final_budget"] <= budget["target_budget"] < budget["initial_budget"]
@@ -378,5 +385,5 @@ def test_cpu_4bit_paths_measures_both_paths_on_one_adapter(tiny_dir: Path, tmp_p
     assert result["speedup_packed_over_dequantized"] == pytest.approx(best[DEQUANTIZED] / best[PACKED_BF16])
     drift = result["packed_against_dequantized"]
     assert (drift["max_rel_diff"] > 0) == packed_4bit_available()  # the same path gives the same logits
-    assert set(result["metrics"][DEQUANTIZED]) == {"accuracy", "macro_f1", "loss"}
+    assert set(result["metrics"][DEQUANTIZED]) == {"accuracy", "macro_f1", "matthews", "loss"}
     assert "packed-bf16 over dequantized:" in (out / "results.md").read_text()

@@ -6,7 +6,7 @@ import torch
 
 from peftkit.tasks import make_task
 from peftkit.tasks.causal_lm import IGNORE
-from peftkit.tasks.classification import macro_f1
+from peftkit.metrics import macro_f1
 from tests import tiny
 
 

@@ -2,7 +2,8 @@
 
 Labels may be written as names (``entailment``) or numbers (``0``/``1``) in the data; either way they are
 mapped to ids in a fixed order (``task.labels`` if given, else sorted) that is stored with the adapter and in
-the model config's ``id2label``. Loss: cross-entropy. Metrics: accuracy, macro-F1 and loss.
+the model config's ``id2label``. Loss: cross-entropy. Metrics: accuracy, macro-F1, Matthews correlation
+(``peftkit/metrics.py``) and loss.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Callable, Optional
 from pydantic import Field, field_validator
 
 from ..errors import PeftkitError
+from ..metrics import classification_scores
 from .base import HeadOptions, TaskHead
 
 
@@ -71,18 +73,6 @@ def _sorted_labels(values: set[str]) -> list[str]:
     if all(v.lstrip("-").isdigit() for v in values):
         return sorted(values, key=int)
     return sorted(values)
-
-
-def macro_f1(preds: list[int], labels: list[int], num_labels: int) -> float:
-    scores = []
-    for k in range(num_labels):
-        tp = sum(1 for p, y in zip(preds, labels) if p == k and y == k)
-        fp = sum(1 for p, y in zip(preds, labels) if p == k and y != k)
-        fn = sum(1 for p, y in zip(preds, labels) if p != k and y == k)
-        if tp + fp + fn == 0:
-            continue  # a class absent from both predictions and labels does not count
-        scores.append(2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores) if scores else 0.0
 
 
 class Classification(TaskHead):
@@ -179,12 +169,7 @@ class Classification(TaskHead):
     def metrics(self, collected: dict[str, Any]) -> dict[str, float]:
         preds = collected["pred"].tolist()
         labels = collected["label"].tolist()
-        correct = sum(int(p == y) for p, y in zip(preds, labels))
-        return {
-            "accuracy": correct / max(len(labels), 1),
-            "macro_f1": macro_f1(preds, labels, len(self.labels)),
-            "loss": float(collected["loss"].mean()),
-        }
+        return {**classification_scores(preds, labels, len(self.labels)), "loss": float(collected["loss"].mean())}
 
 
 TASK = Classification
