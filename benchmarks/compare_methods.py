@@ -112,12 +112,14 @@ def model_folder(model: str) -> Path:
 
 
 def run_pair(prepared: Prepared, method: Method, seed: int, model: str, model_dir: Path, work: Path,
-             args: argparse.Namespace, peftkit_first: bool, variant: str = "") -> list[dict[str, Any]]:
-    """peftkit and the peers on one task, method and seed, back to back; one record each."""
+             args: argparse.Namespace, peftkit_first: bool, variant: str = "", epochs: float = 1,
+             tools: Optional[set[str]] = None) -> list[dict[str, Any]]:
+    """peftkit and the peers on one task, method and seed, back to back; one record each. ``epochs`` over the
+    rows for every tool; ``tools`` (peftkit, peer, naive) keeps only those runs (the sweep's retries)."""
     import yaml
 
     tag = f"{prepared.task.name}-{method.name}-{seed}{'-' + variant if variant else ''}"
-    recipe = peftkit_recipe(prepared, method, seed, work)
+    recipe = peftkit_recipe(prepared, method, seed, work, epochs)
     recipe["base"]["model"] = model
     if variant == "ungrouped":
         recipe["train"]["group_by_length"] = False
@@ -128,6 +130,8 @@ def run_pair(prepared: Prepared, method: Method, seed: int, model: str, model_di
     for peer in ([] if args.no_baseline or variant else args.peers):
         commands[PEERS[peer]] = [sys.executable, BENCH_DIR / "baseline_hf.py", *baseline_flags(recipe, model_dir, peer),
                                  "--out", work / "hf" / f"{tag}-{peer}"]
+    if tools is not None:
+        commands = {tool: command for tool, command in commands.items() if tool in tools}
     order = list(commands)  # peftkit, the careful peer, the naive peer: the first two swap places every other pair
     if not peftkit_first and len(order) > 1:
         order[:2] = order[1::-1]

@@ -342,11 +342,12 @@ def test_run_measured_reports_each_childs_own_peak(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tasks", "nope"], "Error: --tasks: unknown task 'nope'; choose among sst2, rte, mrpc, agnews, alpaca"),
+    (["--tasks", "nope"], "Error: --tasks: unknown task 'nope'; choose among sst2, rte, mrpc, agnews, cola, sms, "
+                          "alpaca"),
     (["--model", "minilm", "--tasks", "alpaca"], "Error: --model minilm: task alpaca runs on smollm2-135m; "
                                                  "drop --model or the task"),
     (["--seeds-for", "sst2=0"], "Error: --seeds-for: 'sst2=0' is not TASK=N with TASK among sst2, rte, mrpc, "
-                                "agnews, alpaca and N >= 1"),
+                                "agnews, cola, sms, alpaca and N >= 1"),
 ])
 def test_compare_methods_bad_input_is_one_line(args: list[str], message: str) -> None:
     proc = run_script("benchmarks/compare_methods.py", *args)
@@ -387,3 +388,31 @@ def test_cpu_4bit_paths_measures_both_paths_on_one_adapter(tiny_dir: Path, tmp_p
     assert (drift["max_rel_diff"] > 0) == packed_4bit_available()  # the same path gives the same logits
     assert set(result["metrics"][DEQUANTIZED]) == {"accuracy", "macro_f1", "matthews", "loss"}
     assert "packed-bf16 over dequantized:" in (out / "results.md").read_text()
+
+
+def test_cola_and_sms_readers_take_the_right_columns_and_a_fixed_held_out_split(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench_tasks
+
+    cola = tmp_path / "glue" / "CoLA"
+    cola.mkdir(parents=True)
+    for split, n in (("train", 6), ("dev", 3)):  # GLUE's layout: no header; source, label, mark, sentence
+        (cola / f"{split}.tsv").write_text("".join(f'gj04\t{i % 2}\t{"*" if i % 2 == 0 else ""}\t{split}  "row" {i}\n'
+                                                   for i in range(n)))
+    sms = tmp_path / "sms_spam"
+    sms.mkdir()
+    (sms / "SMSSpamCollection").write_text("Label\tSMS\n" + "".join(f"{'spam' if i % 3 == 0 else 'ham'}\tmessage {i}\n"
+                                                                    for i in range(50)))
+    monkeypatch.setattr(bench_tasks, "DATA_ROOT", [tmp_path])
+    assert bench_tasks.read_cola("train")[1] == {"text": 'train "row" 1', "label": "1"}
+    assert [r["label"] for r in bench_tasks.read_cola("eval")] == ["0", "1", "0"]
+    train, held_out = bench_tasks.read_sms("train"), bench_tasks.read_sms("eval")
+    assert len(held_out) == 10 and len(train) == 40  # a fifth of a file under 5,000 rows, else 1,000
+    texts = {r["text"] for r in train} | {r["text"] for r in held_out}
+    assert texts == {f"message {i}" for i in range(50)}  # every row once, the header none
+    assert all(r["label"] == ("spam" if int(r["text"].split()[1]) % 3 == 0 else "ham") for r in train + held_out)
+    assert bench_tasks.read_sms("eval") == held_out  # the same split every time
+    assert (bench_tasks.TASKS["cola"].metric, bench_tasks.TASKS["sms"].metric) == ("matthews", "macro_f1")
+    assert all(bench_tasks.TASKS[t].higher_is_better for t in ("cola", "sms"))
+    assert not bench_tasks.TASKS["alpaca"].higher_is_better
+
