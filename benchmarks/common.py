@@ -229,13 +229,18 @@ def results_dir(script: str, out: Optional[str]) -> Path:
     return folder
 
 
+def write_whole(path: Path, text: str) -> Path:
+    """``text`` into ``path`` through a temporary file and ``os.replace``: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def write_results(folder: Path, payload: dict[str, Any], markdown: str) -> None:
-    """``results.json`` and ``results.md`` in ``folder``, written whole (a reader never sees half a file)."""
-    for name, text in (("results.json", json.dumps(payload, indent=2, default=str) + "\n"),
-                       ("results.md", markdown.rstrip() + "\n")):
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / name)
+    """``results.json`` and ``results.md`` in ``folder``, each written whole."""
+    write_whole(folder / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
+    write_whole(folder / "results.md", markdown.rstrip() + "\n")
 
 
 def fail(message: str) -> None:

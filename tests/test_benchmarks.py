@@ -416,3 +416,199 @@ def test_cola_and_sms_readers_take_the_right_columns_and_a_fixed_held_out_split(
     assert all(bench_tasks.TASKS[t].higher_is_better for t in ("cola", "sms"))
     assert not bench_tasks.TASKS["alpaca"].higher_is_better
 
+
+@pytest.mark.parametrize("rows, epochs, steps", [
+    (250, 17, 136), (500, 9, 144), (1000, 5, 160), (2490, 2, 156), (4000, 2, 250), (4095, 2, 256), (4096, 1, 128),
+    (8000, 1, 250),
+])
+def test_sweep_training_length_rule(rows: int, epochs: int, steps: int) -> None:
+    import sweep
+
+    assert sweep.epochs_for(rows, 32) == epochs and sweep.steps_for(rows, 32) == steps
+    assert steps >= sweep.MIN_STEPS == 128
+    assert "epochs = max(1, ceil(MIN_STEPS * batch_size / rows)) with MIN_STEPS = 128" in sweep.RULE
+
+
+def test_sweep_default_grid_is_the_issues(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sweep
+
+    rows = {"sst2": 67349, "agnews": 10000, "cola": 8551, "sms": 4574, "rte": 2490, "mrpc": 3668}
+    cells = sweep.grid(sweep.parse_args([]), rows.__getitem__)
+    assert len(cells) == 198  # (6 + 6 sizes) x 3 methods x 3 seeds + 2 x 6 x 3 + 4 tasks x 2 x 3 x 3
+    assert [c.task for c in cells[:72]] == ["sst2"] * 72 and cells[72].task == "agnews"
+    assert list(dict.fromkeys(c.task for c in cells)) == ["sst2", "agnews", "cola", "sms", "rte", "mrpc"]
+    assert [c.rows for c in cells[:9]] == [250] * 9 and cells[0] == sweep.Cell("sst2", 250, "lora", 42)
+    assert sorted({c.rows for c in cells if c.task == "rte"}) == [1000, 2490]  # 4,000 means all its rows
+    assert {(c.rows, c.method) for c in cells if c.method == "full"} == {(1000, "full"), (4000, "full")}
+    assert {c.seed for c in cells} == {42, 1, 2}
+    small = sweep.grid(sweep.parse_args(["--tasks", "rte", "--rows", "1000", "4000"]), lambda task: 800)
+    assert {c.rows for c in small} == {800} and len(small) == 9  # two sizes collapsed onto one
+
+
+def fake_run_pair(calls: list, fail: set):
+    """A stand-in for compare_methods.run_pair: one record per tool asked, failing the (rows, seed, tool) in
+    ``fail`` (then forgetting them, so a retry succeeds); each call is logged in ``calls``."""
+    def run_pair(prepared, method, seed, model, model_dir, work, args, peftkit_first, epochs=1, tools=None):
+        calls.append((prepared.n_train, method.name, seed, frozenset(tools), epochs))
+        records = []
+        for tool in sorted(tools):
+            bad = (prepared.n_train, seed, tool) in fail
+            fail.discard((prepared.n_train, seed, tool))
+            log = work / "logs" / f"{tool}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("Traceback: it broke\n" if bad else "fine\n")
+            steps = epochs * -(-prepared.n_train // prepared.task.batch_size)
+            result = None if bad else {"metrics": {"accuracy": 0.5 + seed / 1000, "macro_f1": 0.5, "matthews": 0.0},
+                                       "optimizer_steps": steps, "train_seconds": 1.0, "examples_per_second": 2.0,
+                                       "trainable_start": 10, "trainable_final": 10, "gpu_peak_bytes": None}
+            records.append({"task": prepared.task.name, "method": method.name, "seed": seed, "tool": tool,
+                            "variant": None, "ok": not bad, "returncode": 1 if bad else 0, "wall_seconds": 1.0,
+                            "peak_rss_bytes": 2**20, "ru_maxrss_bytes": 2**20, "result": result, "log": str(log)})
+        return records
+    return run_pair
+
+
+def sweep_args(tiny_dir: Path, data_root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--tasks", "sst2", "--rows", "24", "48", "--methods", "lora", "--model", str(tiny_dir / "bert"),
+            "--data-root", str(data_root), "--out", str(out), *extra]
+
+
+def test_sweep_skips_stored_runs_and_retries_failed_ones(tiny_dir: Path, data_root: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench_tasks
+    import sweep
+
+    monkeypatch.setattr(bench_tasks, "DATA_ROOT", list(bench_tasks.DATA_ROOT))  # the sweep points it at data_root
+    calls: list = []
+    monkeypatch.setattr(sweep, "run_pair", fake_run_pair(calls, {(24, 42, "peer")}))
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(sweep_args(tiny_dir, data_root, out, "--seeds", "2"))
+    assert exc.value.code == 1  # a run failed
+    both = frozenset({"peftkit", "peer"})
+    # 24 rows at batch 32: ceil(128 x 32 / 24) = 171 epochs of one batch; 48 rows: 86 epochs of two
+    assert calls == [(24, "lora", 42, both, 171), (24, "lora", 1, both, 171), (48, "lora", 42, both, 86),
+                     (48, "lora", 1, both, 86)]
+    runs = out / "runs"
+    failed = json.loads((runs / "sst2-24rows-lora-seed42-peer.json").read_text())
+    assert failed["ok"] is False and "it broke" in failed["log_tail"] and failed["metric"] is None
+    kept = (runs / "sst2-24rows-lora-seed42-peftkit.json").read_text()
+    record = json.loads(kept)
+    assert record["ok"] and record["rows"] == 24 and record["epochs"] == 171 == record["optimizer_steps"]
+    assert record["rule_steps"] == 171 and record["rule"] == sweep.RULE and record["metric_name"] == "accuracy"
+    assert record["metric"] == pytest.approx(0.542) and record["run"]["tool"] == "peftkit"
+    assert record["machine"]["cpu"] and record["git_commit"] and record["utc"].endswith("Z")
+    assert sorted(p.name for p in runs.iterdir()) == sorted(
+        f"sst2-{n}rows-lora-seed{s}-{t}.json" for n in (24, 48) for s in (42, 1) for t in ("peftkit", "peer"))
+    assert "sst2-24rows-lora-seed42-peer.json" in json.loads((out / "summary.json").read_text())["failed"]
+
+    del calls[:]
+    sweep.main(sweep_args(tiny_dir, data_root, out, "--seeds", "2"))
+    assert calls == [(24, "lora", 42, frozenset({"peer"}), 171)]  # the failed run alone
+    assert (runs / "sst2-24rows-lora-seed42-peftkit.json").read_text() == kept
+    assert json.loads((runs / "sst2-24rows-lora-seed42-peer.json").read_text())["ok"]
+    assert not list(runs.glob(".*"))  # no temporary file left
+    del calls[:]
+    sweep.main(sweep_args(tiny_dir, data_root, out, "--seeds", "2"))
+    assert calls == []
+
+
+def test_sweep_max_cells_stops_and_dry_run_counts_what_remains(tiny_dir: Path, data_root: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    import bench_tasks
+    import sweep
+
+    monkeypatch.setattr(bench_tasks, "DATA_ROOT", list(bench_tasks.DATA_ROOT))
+    calls: list = []
+    monkeypatch.setattr(sweep, "run_pair", fake_run_pair(calls, set()))
+    out = tmp_path / "sweep"
+    sweep.main(sweep_args(tiny_dir, data_root, out, "--seeds", "2", "--max-cells", "1"))
+    assert [c[:3] for c in calls] == [(24, "lora", 42)]
+    assert "1 of 4 cells of the last invocation's grid complete" in (out / "results.md").read_text()
+    capsys.readouterr()
+    sweep.main(sweep_args(tiny_dir, data_root, out, "--seeds", "2", "--dry-run"))
+    printed = capsys.readouterr().out
+    assert printed.strip().splitlines()[-1] == "4 cells (8 runs: peftkit, peer); 3 cells remain (6 runs)"
+    assert len(calls) == 1  # a dry run runs nothing
+    sweep.main(sweep_args(tiny_dir, data_root, out, "--seeds", "2", "--max-cells", "2"))
+    assert [c[:3] for c in calls[1:]] == [(24, "lora", 1), (48, "lora", 42)]
+
+
+def write_fake_run(runs: Path, task: str, rows: int, method: str, tool: str, seed: int, value: float,
+                   ok: bool = True, steps: int = 160, metric: str = "accuracy") -> None:
+    runs.mkdir(parents=True, exist_ok=True)
+    record = {"format": 1, "task": task, "rows": rows, "method": method, "seed": seed, "tool": tool, "ok": ok,
+              "metric_name": metric, "metric": value if ok else None, "epochs": 5, "optimizer_steps": steps,
+              "rule_steps": 160, "rule": "the rule", "train_seconds": 10.0, "machine": {"description": "a CPU"}}
+    (runs / f"{task}-{rows}rows-{method}-seed{seed}-{tool}.json").write_text(json.dumps(record))
+
+
+def test_sweep_report_judges_every_target_in_points(tmp_path: Path) -> None:
+    import sweep_report
+
+    runs = tmp_path / "runs"
+    fake = [  # (task, rows, method, tool, metric per seed 42, 1, 2)
+        ("sst2", 1000, "lora", "peftkit", [0.80, 0.81, 0.82]),    # 81.0 ± 1.0
+        ("sst2", 1000, "lora", "peer", [0.81, 0.812, 0.808]),     # 81.0 ± 0.2: a met (+0.5), a' met (+0.2)
+        ("sst2", 1000, "adalora", "peftkit", [0.70, 0.71, 0.72]),  # 71.0: b missed by 9.5
+        ("sst2", 1000, "qlora", "peftkit", [0.80, 0.80]),         # two seeds: c not judged
+        ("sst2", 1000, "full", "peftkit", [0.95, 0.95, 0.95]),    # below 2,000 rows: d not asked
+        ("sst2", 4000, "lora", "peftkit", [0.83, 0.85, 0.87]),    # 85.0 ± 2.0
+        ("sst2", 4000, "lora", "peer", [0.85, 0.85, 0.85]),       # a met (+0.5), a' missed by 1.0
+        ("sst2", 4000, "full", "peftkit", [0.87, 0.87, 0.872]),   # 87.07: d missed by 1.07
+        ("cola", 1000, "lora", "peftkit", [0.30, 0.30, 0.30]),
+        ("cola", 1000, "lora", "peer", [0.31, 0.31, 0.31]),       # Matthews in points: a missed by 0.5
+    ]
+    for task, rows, method, tool, values in fake:
+        for seed, value in zip([42, 1, 2], values):
+            write_fake_run(runs, task, rows, method, tool, seed, value,
+                           metric="matthews" if task == "cola" else "accuracy",
+                           steps=161 if (task, method, tool, seed) == ("cola", "lora", "peer", 2) else 160)
+    write_fake_run(runs, "sst2", 1000, "lora", "peer", 3, 0.1, ok=False)  # a failed run counts for nothing
+    markdown = sweep_report.report(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    verdicts = {(v["task"], v["rows"], v["target"]): v for v in summary["targets"]}
+    expected = {("sst2", 1000, "a"): ("met", 0.5), ("sst2", 1000, "a'"): ("met", 0.2),
+                ("sst2", 1000, "b"): ("missed", -9.5), ("sst2", 1000, "c"): ("n<3, not judged", None),
+                ("sst2", 4000, "a"): ("met", 0.5), ("sst2", 4000, "a'"): ("missed", -1.0),
+                ("sst2", 4000, "d"): ("missed", -(87.0 + 0.2 / 3 - 85.0) + 1), ("cola", 1000, "a"): ("missed", -0.5),
+                ("cola", 1000, "a'"): ("met", 1.0)}
+    assert set(verdicts) == set(expected)
+    for key, (verdict, margin) in expected.items():
+        assert verdicts[key]["verdict"] == verdict, key
+        assert verdicts[key]["margin"] == (None if margin is None else pytest.approx(margin)), key
+    assert verdicts[("sst2", 1000, "c")]["n"] == [2, 3]
+    peer = next(r for r in summary["summary"] if (r["task"], r["rows"], r["method"], r["tool"]) ==
+                ("sst2", 1000, "lora", "peer"))
+    assert peer["points"]["n"] == 3 and peer["seeds"] == [1, 2, 42]
+    assert summary["failed"] == ["sst2-1000rows-lora-seed3-peer.json"]
+    assert summary["off_rule"] == ["cola-1000rows-lora-seed2-peer.json"]
+    assert "| 1,000 | LoRA fp32 | 81.0 ± 1.0 (n=3) | 81.0 ± 0.2 (n=3) |" in markdown
+    assert "| 1,000 | c: peftkit QLoRA NF4 >= peftkit LoRA fp32 - 1 | n<3, not judged |" in markdown
+    assert sweep_report.TIMING_NOTE in markdown and markdown == (tmp_path / "results.md").read_text()
+    assert summary["plots"] == ["sst2.png", "cola.png"]
+    assert all((tmp_path / name).read_bytes()[:8] == PNG_MAGIC for name in summary["plots"])
+
+
+def test_sweep_cell_gives_peftkit_and_the_peer_the_rules_steps(tiny_dir: Path, data_root: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench_tasks
+    import sweep
+
+    monkeypatch.setattr(bench_tasks, "DATA_ROOT", list(bench_tasks.DATA_ROOT))
+    monkeypatch.setattr(sweep, "MIN_STEPS", 16)  # the rule's shape at an eighth of its length: a faster test
+    out = tmp_path / "sweep"
+    sweep.main(["--tasks", "sst2", "--rows", "40", "--methods", "lora", "--seeds", "1", "--model",
+                str(tiny_dir / "bert"), "--data-root", str(data_root), "--out", str(out)])
+    runs = {t: json.loads((out / "runs" / f"sst2-40rows-lora-seed42-{t}.json").read_text())
+            for t in ("peftkit", "peer")}
+    for tool, run in runs.items():
+        assert run["ok"], run.get("log_tail")
+        # 40 rows at batch 32: ceil(16 x 32 / 40) = 13 epochs of 2 batches, counted by each tool itself
+        assert (run["epochs"], run["rule_steps"], run["optimizer_steps"]) == (13, 26, 26), tool
+        assert run["run"]["result"]["examples"] == 13 * 40
+        assert set(run["metrics"]) >= {"accuracy", "macro_f1", "matthews"}
+        assert run["metric"] == run["metrics"]["accuracy"]
+    assert "--epochs 13.0 " in Path(runs["peer"]["run"]["log"]).read_text().splitlines()[0]
+    assert json.loads((out / "summary.json").read_text())["off_rule"] == []
