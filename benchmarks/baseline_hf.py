@@ -117,6 +117,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
     p.add_argument("--orth-reg-weight", type=float, default=0.5)
+    p.add_argument("--orth-reg-form", choices=["squared", "norm"], default="squared",
+                   help="careful: the regularizer added after the clip (the naive peer leaves it to peft: norm)")
     p.add_argument("--adalora-warmup", type=phase, default=0.1, help="steps or fraction before pruning starts")
     p.add_argument("--adalora-final", type=phase, default=0.3, help="steps or fraction at the end, ranks fixed")
     p.add_argument("--adalora-interval", type=int, default=1, help="steps between two reallocations")
@@ -176,12 +178,14 @@ def adalora_matrices(model: torch.nn.Module) -> list[tuple[str, torch.nn.Paramet
             and p.numel() > 0]
 
 
-def orthogonal_regularization(model: torch.nn.Module) -> torch.Tensor:
-    """peft's regularizer: the mean over Q and P of ``||Q Q^T - I||_F`` and ``||P^T P - I||_F``."""
+def orthogonal_regularization(model: torch.nn.Module, form: str = "squared") -> torch.Tensor:
+    """The mean over Q and P of ``||Q Q^T - I||_F^2`` and ``||P^T P - I||_F^2``: the AdaLoRA paper's (eq. 4), which
+    a careful user reads; ``form="norm"`` is peft's unsquared ``||.||_F``."""
     terms = []
     for name, p in adalora_matrices(model):
         cov = p @ p.T if ".lora_A." in name else p.T @ p
-        terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
+        diff = cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        terms.append(diff.square().sum() if form == "squared" else torch.linalg.matrix_norm(diff))
     return torch.stack(terms).mean()
 
 
@@ -212,13 +216,13 @@ def kept_ranks(model: Any, init_r: int) -> dict[str, int]:
 class AdaLoraDriver(TrainerCallback):
     """The regularizer after the clip, and peft's rank allocation once per optimizer step (see the module)."""
 
-    def __init__(self, model: Any, orth_reg_weight: float):
-        self.model, self.orth_reg_weight = model, orth_reg_weight
+    def __init__(self, model: Any, orth_reg_weight: float, orth_reg_form: str = "squared"):
+        self.model, self.orth_reg_weight, self.orth_reg_form = model, orth_reg_weight, orth_reg_form
         self.reallocations = 0
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.orth_reg_weight > 0:
-            (self.orth_reg_weight * orthogonal_regularization(self.model)).backward()
+            (self.orth_reg_weight * orthogonal_regularization(self.model, self.orth_reg_form)).backward()
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # global_step counts the steps already finished; peft's schedule counts this one as step 1
@@ -366,7 +370,7 @@ def build(args: argparse.Namespace) -> Built:
         optimizer = torch.optim.AdamW(groups, fused=fused or None)
         optimizers = (optimizer, get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=steps))
     timer = LoopTimer()
-    driver = AdaLoraDriver(model, args.orth_reg_weight) if careful and args.method == "adalora" else None
+    driver = AdaLoraDriver(model, args.orth_reg_weight, args.orth_reg_form) if careful and args.method == "adalora" else None
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=dev, data_collator=collator,
                       optimizers=optimizers, callbacks=[timer, *([driver] if driver else [])])
     return Built(trainer, model, dev, collator, timer, driver, steps, len(train), trainable, base_memory, init_r)

@@ -253,7 +253,7 @@ def baseline_flags(recipe: dict[str, Any], model_dir: Path, peer: str = "careful
                   "--adalora-warmup", str(adapter.warmup), "--adalora-final", str(adapter.final),
                   "--adalora-interval", str(adapter.interval), "--beta1", str(adapter.beta1),
                   "--beta2", str(adapter.beta2), "--orth-reg-weight", str(adapter.orth_reg_weight),
-                  *(["--orthogonal-init"] if adapter.orthogonal_init else [])]
+                  "--orth-reg-form", adapter.orth_reg_form, *(["--orthogonal-init"] if adapter.orthogonal_init else [])]
     return flags
 
 

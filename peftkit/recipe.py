@@ -183,6 +183,10 @@ class AdaLoraSection(Section):
     final: PhaseLength = Field(0.3, description="steps or fraction at the end with ranks fixed")
     interval: int = Field(1, ge=1, description="optimizer steps between two reallocations")
     orth_reg_weight: float = Field(0.1, ge=0)
+    orth_reg_form: Literal["squared", "norm"] = Field(
+        "squared", description="the regularizer: the paper's squared Frobenius norm, or peft's unsquared one "
+                               "(which holds short runs at chance; see peftkit.adalora.orthogonal_regularization)"
+    )
     orthogonal_init: bool = Field(True, description="start P and Q orthonormal rather than peft's N(0, 0.02)")
     beta1: float = Field(0.85, gt=0, lt=1)
     beta2: float = Field(0.85, gt=0, lt=1)

@@ -254,7 +254,8 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
             if driver is not None and recipe.adapter.orth_reg_weight > 0:
                 # after the clip, so the clip measures the task gradient alone (see adalora.py)
                 with accelerator.no_sync(model) if world > 1 else contextlib.nullcontext():
-                    (recipe.adapter.orth_reg_weight * adalora.orthogonal_regularization(unwrapped)).backward()
+                    regularization = adalora.orthogonal_regularization(unwrapped, form=recipe.adapter.orth_reg_form)
+                    (recipe.adapter.orth_reg_weight * regularization).backward()
             optimizer.step()
             scheduler.step()
             progress["step"] += 1

@@ -56,9 +56,40 @@ def test_orthogonal_regularization_matches_peft(recipe_for):
     with_peft = model(**batch)  # labels included: peft adds orth_reg_weight * R to the loss
     torch.manual_seed(0)
     task_loss = plan.task.loss(model(**plan.task.model_inputs(batch)), batch)
-    ours = recipe.adapter.orth_reg_weight * adalora.orthogonal_regularization(model)
+    ours = recipe.adapter.orth_reg_weight * adalora.orthogonal_regularization(model, form="norm")
     assert float(ours) > 0.01
     torch.testing.assert_close(with_peft.loss, task_loss + ours, rtol=1e-5, atol=1e-6)
+
+
+def test_squared_regularizer_does_not_push_orthonormal_matrices_and_peft_form_does(recipe_for):
+    """The root cause of AdaLoRA at chance on short runs (peftkit.adalora.orthogonal_regularization): at the
+    orthonormal start, peft's unsquared norm still has a gradient of fixed length; the paper's squared one has
+    none, and pulls back in proportion to the drift."""
+    recipe = build_recipe(recipe_for(adapter="adalora"))
+    assert recipe.adapter.orth_reg_form == "squared"
+    model = build_model(plan_run(recipe), torch.device("cpu")).model
+    matrices = [p for n, p in model.named_parameters() if ("lora_A" in n or "lora_B" in n) and p.requires_grad]
+
+    def gradient_norm(form: str) -> float:
+        model.zero_grad()
+        adalora.orthogonal_regularization(model, form=form).backward()
+        return float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in matrices])))
+
+    assert gradient_norm("squared") < 1e-5
+    at_start = gradient_norm("norm")
+    assert at_start > 0.05  # about 2 / sqrt(matrices): the same however small the drift
+    with torch.no_grad():
+        drift = [torch.randn_like(p) for p in matrices]
+        for p, d in zip(matrices, drift):
+            p.add_(1e-3 * d)
+    small = gradient_norm("squared")
+    with torch.no_grad():
+        for p, d in zip(matrices, drift):
+            p.add_(9e-3 * d)
+    assert 5 < gradient_norm("squared") / small < 20  # ten times the drift, about ten times the pull
+    assert 0.5 < gradient_norm("norm") / at_start < 2
+    with pytest.raises(ValueError, match="form must be"):
+        adalora.orthogonal_regularization(model, form="frobenius")
 
 
 def test_orthogonal_regularization_reaches_a_classification_head_run(recipe_for):
