@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from peftkit.data import (eval_batches, load_rows, load_task_data, plan_batches, steps_per_epoch, total_steps,
-                          window_batches)
+from peftkit.data import eval_batches, load_rows, load_task_data, plan_batches, steps_per_epoch, total_steps
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataSection
 from peftkit.tasks import make_task
@@ -377,23 +376,6 @@ def test_plan_batches_is_deterministic_per_seed_and_epoch(group: bool):
     assert plan(1, 1) == plan(1, 1)
     assert plan(1, 0) != plan(1, 1)
     assert plan(1, 0) != plan(2, 0)
-
-
-def test_length_windows_follow_transformers_rule():
-    assert [window_batches(n, 32) for n in (10, 250, 1000, 2000, 8000, 100_000)] == [1, 1, 7, 15, 62, 64]
-
-
-def test_small_data_gets_new_batches_every_epoch():
-    """One window over every row sorted the whole set: each epoch cut the same batches (the defect behind
-    peftkit's LoRA trailing Trainer's on small data). Rows that share a batch must mostly part next epoch."""
-    lengths = lengths_of(500, seed=4)
-
-    def together(epoch: int) -> set[tuple[int, int]]:
-        batches = plan_batches(lengths, 32, seed=0, epoch=epoch, group_by_length=True)
-        return {(i, j) for b in batches for i in b for j in b if i < j}
-
-    first, second = together(0), together(1)
-    assert len(first & second) < 0.5 * len(first)
 
 
 def test_grouping_by_length_cuts_padding():
