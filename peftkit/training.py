@@ -28,7 +28,7 @@ from .artifacts import build_metadata, seal, staged_folder
 from .build import BuiltModel, Plan, build_model, plan_run
 from .checkpoint import (STATE_FILE, check_same_run, latest_checkpoint, list_checkpoints, load_checkpoint,
                          resume_relevant, save_checkpoint, training_state)
-from .data import eval_batches, plan_batches, steps_per_epoch
+from .data import eval_batches, plan_batches, short_run_notice, steps_per_epoch
 from .errors import PeftkitError
 from .evaluation import collect, device_batch, in_row_order, metrics_by_source
 from .finite import first_non_finite
@@ -185,6 +185,9 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
     say(f"data: {len(plan.train_rows):,} train rows, {len(plan.eval_rows):,} eval rows; "
         f"{plan.total_steps} optimizer steps" + (f"; AdaLoRA warm-up {plan.schedule[0]}, final {plan.schedule[1]} steps"
                                                   if plan.schedule else ""))
+    notice = short_run_notice(plan.total_steps, t.epochs, t.max_steps)
+    if notice:
+        say(notice)
 
     driver = adalora.AdaLoraDriver.for_model(model, recipe.adapter) if isinstance(recipe.adapter, AdaLoraSection) else None
     if sharded:

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from peftkit.data import eval_batches, load_rows, load_task_data, plan_batches, steps_per_epoch, total_steps
+from peftkit.data import (SHORT_RUN_STEPS, eval_batches, load_rows, load_task_data, plan_batches, short_run_notice,
+                          steps_per_epoch, total_steps)
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataSection
 from peftkit.tasks import make_task
@@ -448,3 +449,10 @@ def test_total_steps_match_the_planned_batches(n_rows, grad_accum, num_processes
     loop_steps = -(-per_process // grad_accum)  # groups of grad_accum batches, the last may be short
     assert total_steps(n_rows, 16, grad_accum, 1.0, None, num_processes) == loop_steps
     assert steps_per_epoch(len(batches), grad_accum, num_processes) == loop_steps
+
+
+def test_a_short_run_says_so_and_names_the_fix():
+    note = short_run_notice(16, 1, None)
+    assert note.startswith("note: 16 optimizer steps is a short run") and "train.epochs 8 gives about 128" in note
+    assert "raise train.max_steps" in short_run_notice(40, 1, 40)
+    assert short_run_notice(SHORT_RUN_STEPS, 1, None) is None
