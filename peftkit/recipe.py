@@ -158,11 +158,14 @@ class LoraSection(Section):
     rank_pattern_from: Optional[str] = Field(
         None, description="a registered AdaLoRA adapter (or its LoRA conversion) whose per-module ranks to reuse"
     )
-    # issue 14's levers for quantized bases, through peft (peftkit.lora_init); the
+    # issue 14's levers for quantized bases, through peft (peftkit.lora_init, peftkit.training._optimizer); the
     # defaults are peft's plain LoRA until the data-size sweep measures them
     init: Literal["default", "gaussian", "loftq", "olora", "pissa"] = Field(
         "default", description="how A and B start: peft's default (B = 0), gaussian, or loftq on a 4-bit base "
                                "(olora and pissa are refused: peft rewrites the base weight)"
+    )
+    loraplus_lr_ratio: Optional[float] = Field(
+        None, gt=0, description="LoRA+: the B matrices learn at this multiple of train.lr (peft suggests >= 1)"
     )
 
 

@@ -1,5 +1,5 @@
-"""issue 14's levers: ``adapter.init`` (peft's default, gaussian, LoftQ on a 4-bit base), each checked by the
-numbers it must change, on the tiny BERT."""
+"""issue 14's levers: ``adapter.init`` (peft's default, gaussian, LoftQ on a 4-bit base) and LoRA+
+(``adapter.loraplus_lr_ratio``), each checked by the numbers it must change, on the tiny BERT."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from peftkit.build import build_model, plan_run
 from peftkit.errors import RecipeError
 from peftkit.recipe import build_recipe
-from peftkit.training import train
+from peftkit.training import _optimizer, train
 from tests.conftest import make_recipe
 
 
@@ -107,6 +107,7 @@ def test_gaussian_init_draws_a_from_peft_normal_and_leaves_the_output_unchanged(
     ("fp32", {"init": "pissa"}, "adapter.init: pissa is not supported on a float base: peft's PiSSA rewrites"),
     ("4bit", {"init": "gaussian", "init_from": "other"}, "adapter.init: gaussian and init_from both set the "
                                                          "adapter's starting weights; drop one of them"),
+    ("4bit", {"loraplus_lr_ratio": 0}, "adapter.loraplus_lr_ratio:"),
 ])
 def test_levers_refused_in_one_line_naming_the_key(tiny_dir, tmp_path, quant, adapter, message):
     with pytest.raises(RecipeError) as exc:
@@ -122,6 +123,34 @@ def test_loftq_needs_the_bases_safetensors(tiny_dir, tmp_path):
     assert loftq_weights_file(tmp_path) == (
         f"adapter.init: loftq reads the base's unquantized weights from model.safetensors (or its sharded index), "
         f"and {tmp_path} has neither; use a base stored as safetensors, or init: default")
+
+
+def _groups(model, optimizer) -> dict[str, float]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_loraplus_puts_b_at_ratio_times_lr_and_the_head_at_head_lr(tiny_dir, tmp_path, dora):
+    data = _recipe(tiny_dir, tmp_path, "fp32", loraplus_lr_ratio=16, use_dora=dora)
+    data["train"].update(lr=1e-3, head_lr=3e-3)
+    recipe = build_recipe(data)
+    plan = plan_run(recipe)
+    built = build_model(plan, torch.device("cpu"))
+    lrs = _groups(built.model, _optimizer(built.model, recipe, built.head_modules))
+    assert set(lrs) == {n for n, p in built.model.named_parameters() if p.requires_grad}
+    for name, lr in lrs.items():
+        if "classifier" in name:
+            assert lr == 3e-3, name  # weight and bias, though peft's rule would put the 1-d bias at the ratio
+        elif "lora_B" in name or "lora_magnitude_vector" in name:  # peft: "lora_B" in name or ndim == 1
+            assert lr == pytest.approx(16e-3), name
+        else:
+            assert "lora_A" in name and lr == 1e-3, name
+    assert any("lora_magnitude_vector" in n for n in lrs) == dora
+    # off by default: every adapter matrix at lr
+    plain = build_recipe(_recipe(tiny_dir, tmp_path, "fp32"))
+    assert {lr for n, lr in _groups(built.model, _optimizer(built.model, plain, built.head_modules)).items()
+            if "lora_" in n} == {plain.train.lr}
 
 
 def test_a_loftq_adapter_loads_in_plain_peft_with_the_same_logits(tiny_dir, tmp_path):
