@@ -17,6 +17,9 @@ differs from the naive peer in how it trains, and compare_methods gives it every
   ``--adapter-lr-scale`` times ``--lr``, no weight decay on biases, norms and AdaLoRA's singular values;
   transformers' ``get_scheduler`` with ``int(warmup ratio x steps)`` warm-up steps;
 * ``all-linear`` resolved as the linear layers outside the task head and the output embeddings;
+* issue 14's levers when the recipe sets them: ``--init gaussian`` (``LoraConfig(init_lora_weights="gaussian")``),
+  ``--init loftq`` (peft's ``replace_lora_weights_loftq`` on the 4-bit model, see :func:`loftq`) and
+  ``--loraplus-lr-ratio`` (LoRA+'s B matrices in the optimizer groups, see :func:`param_groups`);
 * AdaLoRA driven by :class:`AdaLoraDriver`, a ``TrainerCallback``: in ``Trainer``'s loop (``trainer.py``
   ``_run_epoch``) the gradient is clipped, then ``on_pre_optimizer_step`` runs, then ``optimizer.step()``, then
   ``on_optimizer_step``, then ``lr_scheduler.step()`` and ``model.zero_grad()``. The orthogonal regularization's
@@ -66,7 +69,7 @@ from run_peftkit import adapter_parameters_kept
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "SST-2"
 ADAPTER = "default"
 # what the naive peer takes; the other flags are the careful peer's alone
-CAREFUL_ONLY = ("head_lr", "adapter_lr_scale", "targets", "orthogonal_init")
+CAREFUL_ONLY = ("head_lr", "adapter_lr_scale", "targets", "orthogonal_init", "init", "loraplus_lr_ratio")
 
 
 def read_tsv(path: Path, limit: int | None, seed: int) -> list[dict[str, Any]]:
@@ -125,6 +128,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--beta1", type=float, default=0.85, help="AdaLoRA's sensitivity EMA")
     p.add_argument("--beta2", type=float, default=0.85, help="AdaLoRA's uncertainty EMA")
     p.add_argument("--orthogonal-init", action="store_true", help="careful: start P and Q orthonormal")
+    p.add_argument("--init", choices=["default", "gaussian", "loftq"],
+                   help="careful: LoRA's A and B at peft's default, gaussian, or LoftQ's correction (4-bit)")
+    p.add_argument("--loraplus-lr-ratio", type=float, help="careful: LoRA+, the B matrices at this multiple of --lr")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default="/tmp/peftkit-baseline")
     args = p.parse_args(argv)
@@ -191,7 +197,10 @@ def orthogonal_regularization(model: torch.nn.Module, form: str = "squared") -> 
 
 def param_groups(model: torch.nn.Module, args: argparse.Namespace, heads: list[str]) -> list[dict[str, Any]]:
     """One AdamW group per (learning rate, weight decay): the head at ``--head-lr``, AdaLoRA's P, lambda and Q
-    at ``--adapter-lr-scale`` times ``--lr``, no decay on biases, norms and singular values."""
+    at ``--adapter-lr-scale`` times ``--lr``, no decay on biases, norms and singular values. LoRA+
+    (``--loraplus-lr-ratio``): what peft's ``create_loraplus_optimizer`` counts as B (``"lora_B" in name or
+    param.ndim == 1``) outside the head at the ratio times ``--lr``; the head keeps its own rate, which
+    ``create_loraplus_optimizer`` would not (it has no head group), hence these groups rather than that call."""
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -199,9 +208,43 @@ def param_groups(model: torch.nn.Module, args: argparse.Namespace, heads: list[s
         lr = args.head_lr if args.head_lr and any(f".{h}." in f".{name}" for h in heads) else args.lr
         if "lora_" in name and args.adapter_lr_scale:
             lr = args.lr * args.adapter_lr_scale
+        is_head = any(f".{h}." in f".{name}" for h in heads)
+        if args.loraplus_lr_ratio and not is_head and ("lora_B" in name or p.ndim == 1):
+            lr = args.lr * args.loraplus_lr_ratio
         no_decay = name.endswith("bias") or "norm" in name.lower() or "lora_E" in name
         groups.setdefault((lr, 0.0 if no_decay else args.weight_decay), []).append(p)
     return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+@torch.no_grad()
+def loftq(model: Any, model_dir: Path) -> None:
+    """peft's ``replace_lora_weights_loftq`` on the 4-bit model, as a careful user must run it with peft 0.21.2:
+    its ``_loftq_init_new`` computes on "cuda" whatever the model's device, so off CUDA the same steps are swapped
+    in on the weight's device; and it ignores LoRA's scaling alpha/r (peft issue #1982), so A and B are divided by
+    sqrt(alpha/r) for the layer to add the correction once. The adapter then starts at a non-zero output."""
+    import bitsandbytes as bnb
+    from peft import replace_lora_weights_loftq
+    from peft.tuners.lora import Linear4bit
+    from peft.utils import loftq_utils
+
+    def on_weight_device(qweight: Any, weight: torch.Tensor, num_bits: int, reduced_rank: int) -> Any:
+        dequantized = bnb.functional.dequantize_4bit(qweight.data, qweight.quant_state).float()
+        residual = weight.to(device=dequantized.device, dtype=torch.float32) - dequantized
+        decomposed = loftq_utils._low_rank_decomposition(residual, reduced_rank=reduced_rank)
+        return decomposed["R"], decomposed["L"]
+
+    original = loftq_utils._loftq_init_new
+    if not torch.cuda.is_available():
+        loftq_utils._loftq_init_new = on_weight_device
+    try:
+        replace_lora_weights_loftq(model, model_path=str(model_dir), adapter_name=ADAPTER)
+    finally:
+        loftq_utils._loftq_init_new = original
+    for module in model.modules():
+        if isinstance(module, Linear4bit) and ADAPTER in module.lora_A:
+            root = math.sqrt(module.scaling[ADAPTER])
+            for linear in (module.lora_A[ADAPTER], module.lora_B[ADAPTER]):
+                linear.weight.data = (linear.weight.data / root).contiguous()
 
 
 def kept_ranks(model: Any, init_r: int) -> dict[str, int]:
@@ -333,7 +376,10 @@ def build(args: argparse.Namespace) -> Built:
                   task_type=task_type)
     init_r = args.init_r or args.r * 3 // 2
     if args.method == "lora":
-        model = get_peft_model(model, LoraConfig(r=args.r, **common))
+        init = "gaussian" if args.init == "gaussian" else True
+        model = get_peft_model(model, LoraConfig(r=args.r, init_lora_weights=init, **common))
+        if args.init == "loftq":
+            loftq(model, model_dir)
     elif args.method == "adalora":
         def steps_of(value: Union[int, float]) -> int:
             return value if isinstance(value, int) else int(round(value * steps))

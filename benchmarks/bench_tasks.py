@@ -248,7 +248,10 @@ def baseline_flags(recipe: dict[str, Any], model_dir: Path, peer: str = "careful
     targets = adapter.target_modules
     flags += ["--lora-alpha", str(adapter.lora_alpha), "--lora-dropout", str(adapter.lora_dropout),
               "--targets", targets if isinstance(targets, str) else ",".join(targets)]
-    if adalora:
+    if not adalora:  # the levers, passed only when set: a default recipe's flags are unchanged
+        flags += ["--init", adapter.init] if adapter.init != "default" else []
+        flags += ["--loraplus-lr-ratio", str(adapter.loraplus_lr_ratio)] if adapter.loraplus_lr_ratio else []
+    else:
         flags += ["--init-r", str(adapter.init_r), "--adapter-lr-scale", str(adapter.lr_scale),
                   "--adalora-warmup", str(adapter.warmup), "--adalora-final", str(adapter.final),
                   "--adalora-interval", str(adapter.interval), "--beta1", str(adapter.beta1),

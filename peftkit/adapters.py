@@ -92,8 +92,11 @@ def peft_config(section: AdapterSection, task: TaskHead, targets: list[str], mod
         **_layers_kwargs(section, model),
     )
     if isinstance(section, LoraSection):
+        from .lora_init import peft_init_lora_weights
+
         return LoraConfig(r=section.r, use_rslora=section.use_rslora, use_dora=section.use_dora,
-                          rank_pattern=rank_pattern or {}, **common)
+                          rank_pattern=rank_pattern or {}, init_lora_weights=peft_init_lora_weights(section.init),
+                          **common)
     assert total_step is not None and schedule is not None, "AdaLoRA needs the run's step count"
     tinit, tfinal = schedule
     return AdaLoraConfig(

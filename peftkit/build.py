@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .adalora import orthogonal_init, resolve_schedule
-from .adapters import (count_parameters, inject, peft_config, present_head_modules, resolve_module_paths,
-                       resolve_target_modules)
+from .adapters import (ADAPTER_NAME, count_parameters, inject, peft_config, present_head_modules,
+                       resolve_module_paths, resolve_target_modules)
 from .data import encode, load_task_data, total_steps
 from .errors import PeftkitError
 from .models import BaseRef, load_pretrained, load_tokenizer, memory_footprint, resolve_base
@@ -46,7 +46,13 @@ def plan_run(recipe: Recipe, num_processes: int = 1) -> Plan:
     t = recipe.train
     steps = total_steps(len(train_rows), t.batch_size, t.grad_accum, t.epochs, t.max_steps, num_processes)
     schedule = resolve_schedule(recipe.adapter, steps) if isinstance(recipe.adapter, AdaLoraSection) else None
-    if getattr(recipe.adapter, "init_from", None):  # fail before the model loads
+    if getattr(recipe.adapter, "init", None) == "loftq":  # fail before the model loads
+        from .lora_init import loftq_weights_file
+
+        problem = loftq_weights_file(base.path)
+        if problem:
+            raise PeftkitError(problem)
+    if getattr(recipe.adapter, "init_from", None):
         from .registry import Registry
 
         try:
@@ -139,6 +145,10 @@ def build_model(plan: Plan, device: Any) -> BuiltModel:
     if isinstance(recipe.adapter, AdaLoraSection) and recipe.adapter.orthogonal_init:
         orthogonal_init(model)
     provenance: dict[str, Any] = {}
+    if getattr(recipe.adapter, "init", None) == "loftq":  # the adapter then starts at a non-zero output
+        from .lora_init import apply_loftq
+
+        provenance["loftq_layers"] = apply_loftq(model, plan.base.path, ADAPTER_NAME)
     if recipe.adapter.init_from:
         from .transfer import initialise_from
 

@@ -158,6 +158,15 @@ class LoraSection(Section):
     rank_pattern_from: Optional[str] = Field(
         None, description="a registered AdaLoRA adapter (or its LoRA conversion) whose per-module ranks to reuse"
     )
+    # issue 14's levers for quantized bases, through peft (peftkit.lora_init, peftkit.training._optimizer); the
+    # defaults are peft's plain LoRA until the data-size sweep measures them
+    init: Literal["default", "gaussian", "loftq", "olora", "pissa"] = Field(
+        "default", description="how A and B start: peft's default (B = 0), gaussian, or loftq on a 4-bit base "
+                               "(olora and pissa are refused: peft rewrites the base weight)"
+    )
+    loraplus_lr_ratio: Optional[float] = Field(
+        None, gt=0, description="LoRA+: the B matrices learn at this multiple of train.lr (peft suggests >= 1)"
+    )
 
 
 class AdaLoraSection(Section):
@@ -320,6 +329,10 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
+        if isinstance(self.adapter, LoraSection):
+            problems = _init_problems(self.adapter, self.quantization)
+            if problems:
+                raise SectionProblems(problems)
         if self.quantization.bits and self.adapter is None:
             raise SectionProblems([(
                 "adapter",
@@ -341,6 +354,39 @@ class Recipe(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _init_problems(adapter: LoraSection, quantization: QuantizationSection) -> list[tuple[str, str]]:
+    """What ``adapter.init`` cannot do on this base, read from peft 0.21.2 (``tuners/lora/layer.py``,
+    ``utils/loftq_utils.py``); each a one-line problem under ``adapter.init``."""
+    init, bits = adapter.init, quantization.bits
+    base = {None: "a float base", 8: "an 8-bit base", 4: "a 4-bit base"}[bits]
+    if init in ("olora", "pissa"):
+        why = {
+            "olora": "peft's OLoRA rewrites each base weight as W - B A (on a quantized base it re-quantizes that "
+                     "residual into new weights)",
+            "pissa": "peft's PiSSA rewrites each base weight as the SVD residual W - B A (and refuses quantized "
+                     "weights)",
+        }[init]
+        return [("adapter.init", f"{init} is not supported on {base}: {why}, so the saved adapter would not apply "
+                                 "to the base it is loaded on; use init: default, gaussian or (4-bit) loftq")]
+    if init != "loftq":
+        problems = []
+    elif bits is None:
+        problems = [("adapter.init", "loftq corrects the rounding error of 4-bit weights and a float base has none; "
+                                     "use init: default, or quantization.bits: 4")]
+    elif bits == 8:
+        problems = [("adapter.init", "loftq needs a 4-bit base (peft's replace_lora_weights_loftq supports only "
+                                     "bitsandbytes 4-bit layers); use init: default, or quantization.bits: 4")]
+    elif adapter.use_dora:
+        problems = [("adapter.init", "loftq with use_dora is not supported (DoRA's magnitudes are set from the "
+                                     "adapter peft starts with); drop one of them")]
+    else:
+        problems = []
+    if init != "default" and adapter.init_from:
+        problems.append(("adapter.init", f"{init} and init_from both set the adapter's starting weights; "
+                                         "drop one of them"))
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------------------

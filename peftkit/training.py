@@ -83,8 +83,18 @@ def check_destination(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Pa
     return target, run_dir
 
 
+def loraplus_b(name: str, p: torch.nn.Parameter, is_head: bool) -> bool:
+    """Whether LoRA+ trains ``name`` at ``loraplus_lr_ratio`` x lr: peft's rule (``peft.optimizers.loraplus.
+    create_loraplus_optimizer``: ``"lora_B" in name or param.ndim == 1``, so DoRA's magnitudes too) for the
+    adapter's parameters. The task head keeps its own learning rate (peft's rule would put the head's bias at the
+    ratio and its weight at lr). peft's third group, LoRA on embeddings at ``loraplus_lr_embedding``, cannot occur:
+    peftkit adapts linear layers only (``adapters.resolve_target_modules``)."""
+    return not is_head and ("lora_B" in name or p.ndim == 1)
+
+
 def _optimizer(model: torch.nn.Module, recipe: Recipe, head_modules: list[str]) -> torch.optim.Optimizer:
     t = recipe.train
+    ratio = getattr(recipe.adapter, "loraplus_lr_ratio", None)
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -93,6 +103,8 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe, head_modules: list[str]) 
         lr = t.head_lr if (is_head and t.head_lr) else t.lr
         if "lora_" in name and isinstance(recipe.adapter, AdaLoraSection):
             lr = t.lr * recipe.adapter.lr_scale
+        if ratio and loraplus_b(name, p, is_head):
+            lr = t.lr * ratio
         no_decay = name.endswith("bias") or "norm" in name.lower() or "lora_E" in name
         groups.setdefault((lr, 0.0 if no_decay else t.weight_decay), []).append(p)
     # One fused kernel for every parameter (transformers' Trainer defaults to the same, adamw_torch_fused): on the

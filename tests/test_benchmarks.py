@@ -201,6 +201,41 @@ def test_careful_peer_trains_with_peftkits_settings(method: str, tiny_dir: Path,
             assert torch.allclose(gram, torch.eye(gram.shape[0]), atol=1e-5), name
 
 
+def test_careful_peer_follows_the_recipes_levers(tiny_dir: Path, varied_root: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoftQ on the 4-bit base and LoRA+ in the recipe: the peer starts from the same A and B, written with peft's
+    replace_lora_weights_loftq, and puts every parameter at the same learning rate."""
+    import torch
+
+    from bench_tasks import baseline_flags
+    from peftkit import training
+    from peftkit.build import build_model, plan_run
+    from peftkit.recipe import build_recipe
+
+    recipe = bench_recipe(tiny_dir, varied_root, tmp_path, monkeypatch, "qlora", head_lr=3e-3)
+    assert "--init" not in baseline_flags(recipe, tiny_dir / "bert")  # a default recipe's flags are unchanged
+    recipe["adapter"].update(init="loftq", loraplus_lr_ratio=16)
+    flags = baseline_flags(recipe, tiny_dir / "bert")
+    assert flags[flags.index("--init") + 1] == "loftq" and flags[flags.index("--loraplus-lr-ratio") + 1] == "16.0"
+    args, built = peer(recipe, tiny_dir, tmp_path)
+    rec = build_recipe(recipe)
+    ours = build_model(plan_run(rec), torch.device("cpu"))
+    theirs = {n: p for n, p in built.model.named_parameters() if "lora_" in n}
+    mine = {n: p for n, p in ours.model.named_parameters() if "lora_" in n}
+    assert theirs.keys() == mine.keys() and mine
+    for name in mine:  # LoftQ's start, not peft's B = 0
+        assert torch.allclose(theirs[name], mine[name], atol=1e-6), name
+    assert all(p.any() for n, p in mine.items() if "lora_B" in n)
+    expected = groups_by_name(ours.model, training._optimizer(ours.model, rec, ours.head_modules))
+    assert groups_by_name(built.model, built.trainer.optimizer) == expected
+    assert {lr for n, (lr, _) in expected.items() if "lora_B" in n} == {16 * rec.train.lr}
+    assert {lr for n, (lr, _) in expected.items() if "classifier" in n} == {3e-3}
+
+    recipe["adapter"].update(init="gaussian", loraplus_lr_ratio=None)
+    _, built = peer(recipe, tiny_dir, tmp_path)
+    assert built.model.peft_config["default"].init_lora_weights == "gaussian"
+
+
 def test_careful_peer_batches_rows_of_similar_length(tiny_dir: Path, varied_root: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = bench_recipe(tiny_dir, varied_root, tmp_path, monkeypatch, "lora", rows=256)
@@ -282,6 +317,10 @@ def test_naive_peer_refuses_what_only_the_careful_one_does(capsys: pytest.Captur
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == \
         "Error: --head-lr: the naive peer has no such setting; drop it or use --peer careful"
+    with pytest.raises(SystemExit):
+        baseline_hf.parse_args(["--peer", "naive", "--init", "loftq"])
+    assert capsys.readouterr().err.strip() == \
+        "Error: --init: the naive peer has no such setting; drop it or use --peer careful"
 
 
 def test_baseline_flags_refuse_a_recipe_the_careful_peer_does_not_write(tiny_dir: Path, varied_root: Path,
