@@ -78,7 +78,7 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
-def _git_commit() -> Optional[str]:
+def git_commit_short() -> Optional[str]:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10)
@@ -106,7 +106,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         **{name: _version(name) for name in ("transformers", "peft", "bitsandbytes", "accelerate")},
-        "git_commit": _git_commit(),
+        "git_commit": git_commit_short(),
         # glibc malloc settings change peak RSS a lot on CPU (see the README's Benchmarks section); runs inherit them
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
         "gpu": None,

@@ -45,7 +45,8 @@ from typing import Any, Callable, Optional
 import bench_tasks
 import sweep_report
 from bench_tasks import METHODS, TASKS, Prepared, prepare
-from common import REPO, describe_machine, fail, last_lines, machine_info, results_dir, write_whole
+from common import (REPO, describe_machine, fail, git_commit_short, last_lines, machine_info, results_dir,
+                    write_whole)
 from compare_methods import PEERS, SEED_LIST, model_folder, peak_bytes, run_pair
 from sweep_report import FORMAT, TASK_ORDER
 
@@ -244,10 +245,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"[{done + 1}/{min(len(pending), args.max_cells or len(pending))}] {cell.task} {cell.rows} rows "
                   f"{cell.method} seed {cell.seed}: {epochs} epochs, {steps_for(prepared.n_train, task.batch_size)} "
                   f"steps by the rule; running {', '.join(missing)}", flush=True)
+            # read per cell, as the runs start: a long sweep outlives commits (the first one recorded the start's)
+            code = {"git_commit": git_commit_short(), "git_dirty": _git_dirty()}
             records = run_pair(prepared, METHODS[cell.method], cell.seed, model, folders[model], cell_work, args,
                                peftkit_first=done % 2 == 0, epochs=epochs, tools=set(missing))
             for raw in records:
-                record = run_record(cell, raw, prepared, model, provenance)
+                record = run_record(cell, raw, prepared, model, {**provenance, **code})
                 write_run(runs, cell, raw["tool"], record)
                 failed += not record["ok"]
             print("  optimizer steps: " + ", ".join(
