@@ -122,6 +122,8 @@ class Method:
     label: str
     bits: Optional[int]  # None: float32 base
     adapter: Optional[str]  # None: full fine-tuning
+    # adapter keys beyond peftkit's defaults: the levers issue 14 asks to measure before any becomes a default
+    adapter_options: tuple[tuple[str, Any], ...] = ()
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -131,6 +133,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("qlora", "QLoRA NF4", 4, "lora"),
     Method("adalora", "AdaLoRA fp32", None, "adalora"),
     Method("adalora-4bit", "AdaLoRA NF4", 4, "adalora"),
+    Method("qlora-loftq", "QLoRA NF4, LoftQ init", 4, "lora", (("init", "loftq"),)),
+    # LoRA+'s published ratio (Hayou et al. 2024, and peft's create_loraplus_optimizer example): B at 16x A's lr
+    Method("qlora-loraplus", "QLoRA NF4, LoRA+ 16", 4, "lora", (("loraplus_lr_ratio", 16),)),
 ]}
 
 
@@ -185,6 +190,8 @@ def peftkit_recipe(prepared: Prepared, method: Method, seed: int, out: Path, epo
     elif method.adapter == "adalora":
         # rank 1.5 r pruned to an average of r: the same final budget as LoRA r; peftkit's AdaLoRA defaults
         adapter = {"method": "adalora", "init_r": task.r * 3 // 2, "target_r": task.r, "target_modules": "all-linear"}
+    if adapter is not None:
+        adapter.update(method.adapter_options)
     quantization: dict[str, Any] = {"bits": method.bits}
     if method.bits == 4:
         quantization.update(quant_type="nf4", double_quant=True, compute_dtype="float32")

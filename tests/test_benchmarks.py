@@ -236,6 +236,19 @@ def test_careful_peer_follows_the_recipes_levers(tiny_dir: Path, varied_root: Pa
     assert built.model.peft_config["default"].init_lora_weights == "gaussian"
 
 
+def test_lever_methods_are_qlora_plus_one_recipe_key(tmp_path: Path) -> None:
+    """The sweep's lever rows (issue 14) differ from the QLoRA row in exactly the key they measure."""
+    from bench_tasks import METHODS, TASKS, Prepared, peftkit_recipe
+
+    prepared = Prepared(TASKS["sst2"], tmp_path / "train.jsonl", tmp_path / "eval.jsonl", 1000, 872, ["0", "1"])
+    base = peftkit_recipe(prepared, METHODS["qlora"], 42, tmp_path)
+    for name, key, value in (("qlora-loftq", "init", "loftq"), ("qlora-loraplus", "loraplus_lr_ratio", 16)):
+        recipe = peftkit_recipe(prepared, METHODS[name], 42, tmp_path)
+        assert recipe["adapter"].pop(key) == value and key not in base["adapter"]
+        recipe["output"]["name"] = base["output"]["name"]
+        assert recipe == base, name
+
+
 def test_careful_peer_batches_rows_of_similar_length(tiny_dir: Path, varied_root: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = bench_recipe(tiny_dir, varied_root, tmp_path, monkeypatch, "lora", rows=256)
