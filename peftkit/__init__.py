@@ -22,6 +22,7 @@ def train(recipe: "Recipe | str", overrides: tuple[str, ...] = (), **kwargs):  #
 
 
 _LAZY = {
+    "AdaLoraCallback": ("peftkit.adalora_callback", "AdaLoraCallback"),
     "Registry": ("peftkit.registry", "Registry"),
     "load_trained": ("peftkit.loading", "load_trained"),
     "to_lora": ("peftkit.convert", "to_lora"),
@@ -38,5 +39,5 @@ def __getattr__(name: str):  # PEP 562: the heavier parts of the API import on f
     raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
 
 
-__all__ = ["PeftkitError", "RecipeError", "Recipe", "load_recipe", "train", "Registry", "load_trained", "to_lora",
+__all__ = ["AdaLoraCallback", "PeftkitError", "RecipeError", "Recipe", "load_recipe", "train", "Registry", "load_trained", "to_lora",
            "rank_report", "__version__"]
