@@ -20,6 +20,7 @@ only where both sides have 3 seeds or more ("n<3, not judged" otherwise); its ma
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -183,6 +184,18 @@ def plot(summary: list[dict[str, Any]], folder: Path) -> list[str]:
     return names
 
 
+def machine_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """One line per machine and software stack, with its number of runs: the descriptions differ only by the
+    load average and the time at each run's start, which would repeat the same machine once per piece."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        text = (r.get("machine") or {}).get("description", "unknown")
+        text = re.sub(r", load average [^;]* at the start", "", text)
+        text = re.sub(r" \(\d{4}-\d\d-\d\d \d\d:\d\d UTC\)$", "", text)
+        counts[text] = counts.get(text, 0) + 1
+    return [f"{text} ({n} runs)" for text, n in sorted(counts.items())]
+
+
 def report(folder: Path, progress: Optional[tuple[int, int]] = None) -> str:
     """``results.md`` and ``summary.json`` (and the plots) in ``folder`` from its stored runs; returns the
     Markdown. ``progress``: (cells complete, cells in the grid) of the invocation that asks."""
@@ -192,7 +205,7 @@ def report(folder: Path, progress: Optional[tuple[int, int]] = None) -> str:
     plots = plot(summary, folder) if summary else []
     failed = [r["file"] for r in runs if not r["ok"]]
     off_rule = [r["file"] for r in runs if r["ok"] and r.get("optimizer_steps") != r.get("rule_steps")]
-    machines = sorted({(r.get("machine") or {}).get("description", "unknown") for r in runs})
+    machines = machine_lines(runs)
     rule = next((r["rule"] for r in runs if r.get("rule")), None)
     counts = {v: sum(x["verdict"] == v for x in verdicts) for v in ("met", "missed", f"n<{MIN_SEEDS}, not judged")}
     parts = [
@@ -215,7 +228,7 @@ def report(folder: Path, progress: Optional[tuple[int, int]] = None) -> str:
                      + ", ".join(failed))
     if off_rule:
         parts.append("Runs whose optimizer steps differ from the rule's: " + ", ".join(off_rule))
-    parts.append("Machines: " + "; ".join(machines))
+    parts.append("Machines (each run's load average at its start is in its file): " + "; ".join(machines))
     markdown = "\n\n".join(parts) + "\n"
     payload = {"format": FORMAT, "generated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "rule": rule, "points": "task metric x 100 (loss as is)", "runs": len(runs), "failed": failed,
