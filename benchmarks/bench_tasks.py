@@ -136,6 +136,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("qlora-loftq", "QLoRA NF4, LoftQ init", 4, "lora", (("init", "loftq"),)),
     # LoRA+'s published ratio (Hayou et al. 2024, and peft's create_loraplus_optimizer example): B at 16x A's lr
     Method("qlora-loraplus", "QLoRA NF4, LoRA+ 16", 4, "lora", (("loraplus_lr_ratio", 16),)),
+    # AdaLoRA's levers on the smallest sizes, where it trails LoRA (issue 14): LoRA's dropout, and no 2x lr
+    Method("adalora-dropout", "AdaLoRA fp32, dropout 0.05", None, "adalora", (("lora_dropout", 0.05),)),
+    Method("adalora-lr1", "AdaLoRA fp32, adapter at 1x lr", None, "adalora", (("lr_scale", 1.0),)),
 ]}
 
 

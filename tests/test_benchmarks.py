@@ -236,15 +236,18 @@ def test_careful_peer_follows_the_recipes_levers(tiny_dir: Path, varied_root: Pa
     assert built.model.peft_config["default"].init_lora_weights == "gaussian"
 
 
-def test_lever_methods_are_qlora_plus_one_recipe_key(tmp_path: Path) -> None:
-    """The sweep's lever rows (issue 14) differ from the QLoRA row in exactly the key they measure."""
+def test_lever_methods_are_their_method_plus_one_recipe_key(tmp_path: Path) -> None:
+    """The sweep's lever rows (issue 14) differ from their plain row in exactly the key they measure."""
     from bench_tasks import METHODS, TASKS, Prepared, peftkit_recipe
 
     prepared = Prepared(TASKS["sst2"], tmp_path / "train.jsonl", tmp_path / "eval.jsonl", 1000, 872, ["0", "1"])
-    base = peftkit_recipe(prepared, METHODS["qlora"], 42, tmp_path)
-    for name, key, value in (("qlora-loftq", "init", "loftq"), ("qlora-loraplus", "loraplus_lr_ratio", 16)):
+    levers = {"qlora-loftq": ("qlora", "init", "loftq"), "qlora-loraplus": ("qlora", "loraplus_lr_ratio", 16),
+              "adalora-dropout": ("adalora", "lora_dropout", 0.05), "adalora-lr1": ("adalora", "lr_scale", 1.0)}
+    assert set(levers) == {name for name, m in METHODS.items() if m.adapter_options}
+    for name, (plain, key, value) in levers.items():
+        base = peftkit_recipe(prepared, METHODS[plain], 42, tmp_path)
         recipe = peftkit_recipe(prepared, METHODS[name], 42, tmp_path)
-        assert recipe["adapter"].pop(key) == value and key not in base["adapter"]
+        assert recipe["adapter"].pop(key) == value and base["adapter"].pop(key, None) != value
         recipe["output"]["name"] = base["output"]["name"]
         assert recipe == base, name
 
