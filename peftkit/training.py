@@ -147,6 +147,29 @@ class Evaluator:
         return metrics_by_source(self.plan.task, collected, self.plan.eval_parts)
 
 
+def _row_items(plan: Plan) -> Optional[list[int]]:
+    """What each training row adds to the count the loss averages over (None: a mean over rows)."""
+    if len(plan.train_rows) == 0 or plan.task.loss_items(plan.train_rows[0]) is None:
+        return None
+    return [plan.task.loss_items(row) for row in plan.train_rows]
+
+
+def _step_items(row_items: Optional[list[int]], group: list[list[int]], world: int,
+                device: torch.device) -> Optional[float]:
+    """The items (tokens) of one optimizer step over its micro-batches and every process, which each
+    micro-batch's summed loss is divided by: accumulating 4 batches of 2 then equals one batch of 8, and two
+    processes equal one, on rows of any length. Dividing each micro-batch's mean by the micro-batch count
+    instead weighed a token by the size of its micro-batch (transformers' ``num_items_in_batch`` fixed the same)."""
+    if row_items is None:
+        return None
+    local = sum(row_items[i] for idx in group for i in idx)
+    if world == 1:
+        return float(max(local, 1))
+    total = torch.tensor(float(local), device=device)
+    torch.distributed.all_reduce(total)  # one small collective per optimizer step
+    return max(float(total), 1.0)
+
+
 def _format_metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
@@ -226,6 +249,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
     writer = _tensorboard(run_dir) if main else None
     evaluate = Evaluator(plan, t.eval_batch_size or t.batch_size, device, rank, world, sharded)
     lengths = [len(ids) for ids in plan.train_rows["input_ids"]]
+    row_items = _row_items(plan)
     n_batches = len(plan_batches(lengths, t.batch_size, t.seed, 0, t.group_by_length, world))
     per_epoch = steps_per_epoch(n_batches, t.grad_accum, world)
     bar = _progress_bar(plan.total_steps, progress["step"], enabled=main and t.progress)
@@ -247,14 +271,21 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
         groups = [batches[i : i + t.grad_accum] for i in range(0, len(batches), t.grad_accum)]
         for group_index in range(progress["group"], len(groups)):
             group = groups[group_index]
+            step_items = _step_items(row_items, group, world, device)
             for j, idx in enumerate(group):
                 batch = device_batch(plan.task, plan.tokenizer, plan.train_rows, idx, device)
                 sync = j == len(group) - 1 or world == 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     # no name holds the outputs: a causal LM's logits (batch x length x vocabulary) would stay
                     # alive through this backward and the next forward
-                    loss = plan.task.loss(model(**plan.task.model_inputs(batch)), batch)
-                    accelerator.backward(loss / len(group))
+                    if step_items is None:  # a mean over rows: each micro-batch weighs the same
+                        loss = plan.task.loss(model(**plan.task.model_inputs(batch)), batch)
+                        accelerator.backward(loss / len(group))
+                    else:  # a mean over tokens: each token of the whole step weighs the same
+                        summed = plan.task.loss_sum(model(**plan.task.model_inputs(batch)), batch)
+                        # DDP averages the processes' gradients, hence the factor world
+                        accelerator.backward(summed * (world / step_items))
+                        loss = summed / max(sum(row_items[i] for i in idx), 1)
                 value = float(loss.detach())  # one sync per micro-batch, which the running loss needs anyway
                 if not math.isfinite(value):
                     raise _diverged(f"the loss is {value}", progress["step"] + 1, recipe, plan.total_steps)

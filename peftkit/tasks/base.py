@@ -96,6 +96,16 @@ class TaskHead(ABC):
     def loss(self, outputs: Any, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
         """The head's training loss from the model's raw outputs (the model is never given the labels)."""
 
+    def loss_items(self, row: dict[str, Any]) -> Optional[int]:
+        """How many items of one encoded training row the loss averages over, for a loss that is a mean over
+        items of different counts per row (tokens); None (the default): the loss is a mean over rows, and each
+        micro-batch of an accumulated step weighs the same, as ``Trainer`` weighs them."""
+        return None
+
+    def loss_sum(self, outputs: Any, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        """The loss summed over its items (only for heads whose :meth:`loss_items` counts them)."""
+        raise NotImplementedError(f"{type(self).__name__} averages its loss over rows")
+
     # ---- evaluation ------------------------------------------------------------------------------------
 
     @abstractmethod
