@@ -55,6 +55,17 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def every_rng_state(world: int) -> list[dict[str, Any]]:
+    """Every process's random generators, in rank order; all processes call it. Each process draws its own
+    dropout masks, so a resumed multi-process run matches an uninterrupted one only if every process gets its
+    own generators back (restoring the main process's everywhere gave every rank the same masks)."""
+    if world == 1:
+        return [rng_state()]
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, rng_state())  # in memory between live processes, never a file
+    return gathered
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
@@ -154,13 +165,17 @@ def from_json(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-                    scheduler: Any, progress: dict[str, Any], extra: dict[str, Any], keep: int) -> Path:
+                    scheduler: Any, progress: dict[str, Any], extra: dict[str, Any], keep: int,
+                    rng_states: Optional[list[dict[str, Any]]] = None) -> Path:
+    """``rng_states``: every process's generators (:func:`every_rng_state`); None: this process's only."""
     from safetensors.torch import save_file
 
     target = checkpoint_dir(run_dir) / f"step-{step}"
     tensors: dict[str, torch.Tensor] = {}
-    state = to_json({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                     "extra": extra}, tensors)
+    rngs = rng_states or [rng_state()]
+    # the main process's under "rng" as before (a checkpoint of one process is unchanged), the others' beside it
+    state = to_json({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rngs[0],
+                     **({"rng_other_processes": rngs[1:]} if len(rngs) > 1 else {}), "extra": extra}, tensors)
     with staged_folder(target, overwrite=True) as folder:
         save_file(weights, str(folder / "trainable.safetensors"))
         save_file(tensors, str(folder / TENSORS_FILE))
@@ -213,8 +228,10 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, unwrapped: torch.nn.Module, optimizer: Any, scheduler: Any,
-                    sharded: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore a checkpoint in place, on every process; return (progress, extra)."""
+                    sharded: bool, rank: int = 0, world: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore a checkpoint in place, on every process; return (progress, extra). Each process takes its own
+    random generators back when the checkpoint holds as many as there are processes now; otherwise (another
+    process count, or a checkpoint from before they were kept per process) every process takes the main one's."""
     weights, state, progress = _read(path)
     params = {n.replace(_FSDP_PREFIX, ""): p for n, p in unwrapped.named_parameters()}
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -236,7 +253,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, unwrapped: torch.nn.Modu
                     params[name].copy_(tensor.to(params[name].device))
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        others = state.get("rng_other_processes", [])
+        own = rank > 0 and isinstance(others, list) and len(others) == world - 1
+        set_rng_state(others[rank - 1] if own else state["rng"])
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
         raise PeftkitError(
             f"checkpoint {path} does not fit this run ({type(exc).__name__}: {first_line(exc)}); delete it to "

@@ -26,8 +26,8 @@ import torch
 from . import adalora
 from .artifacts import build_metadata, seal, staged_folder
 from .build import BuiltModel, Plan, build_model, plan_run
-from .checkpoint import (STATE_FILE, check_same_run, latest_checkpoint, list_checkpoints, load_checkpoint,
-                         resume_relevant, save_checkpoint, training_state)
+from .checkpoint import (STATE_FILE, check_same_run, every_rng_state, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, resume_relevant, save_checkpoint, training_state)
 from .data import eval_batches, plan_batches, short_run_notice, steps_per_epoch
 from .errors import PeftkitError
 from .evaluation import collect, device_batch, in_row_order, metrics_by_source
@@ -239,7 +239,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         assert checkpoint is not None
-        progress, extra = load_checkpoint(checkpoint, model, unwrapped, optimizer, scheduler, sharded)
+        progress, extra = load_checkpoint(checkpoint, model, unwrapped, optimizer, scheduler, sharded, rank, world)
         if driver is not None and "adalora" in extra:
             driver.load_allocator_state(extra["adalora"])
         say(f"resumed from {checkpoint} at step {progress['step']}")
@@ -334,9 +334,11 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
                 progress["train_seconds"] = seconds_before + time.perf_counter() - started
                 progress["train_examples"] = examples_before + examples
                 weights, optimizer_state = training_state(model, unwrapped, optimizer, sharded)  # all processes
+                rng_states = every_rng_state(world)  # all processes
                 if main:
                     save_checkpoint(run_dir, step, weights, optimizer_state, scheduler, _resumable(progress, groups),
-                                    {"adalora": driver.allocator_state()} if driver else {}, t.keep_checkpoints)
+                                    {"adalora": driver.allocator_state()} if driver else {}, t.keep_checkpoints,
+                                    rng_states)
                 accelerator.wait_for_everyone()
             if step >= plan.total_steps:
                 break
