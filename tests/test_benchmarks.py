@@ -667,3 +667,17 @@ def test_sweep_cell_gives_peftkit_and_the_peer_the_rules_steps(tiny_dir: Path, d
         assert run["metric"] == run["metrics"]["accuracy"]
     assert "--epochs 13.0 " in Path(runs["peer"]["run"]["log"]).read_text().splitlines()[0]
     assert json.loads((out / "summary.json").read_text())["off_rule"] == []
+
+
+def test_batch_planners_counts_every_planners_positions() -> None:
+    """peftkit's windows of 64 batches group 300 rows whole; Trainer's mega-batches (at least 4) hold 2 batches
+    each at 300 rows, and random batches group nothing."""
+    import random
+
+    from batch_planners import measure
+
+    rng = random.Random(7)
+    lengths = [rng.randint(1, 60) for _ in range(300)]
+    ratios = measure(lengths, 32, 1)
+    assert 1.0 <= ratios["peftkit"] < ratios["trainer"] < ratios["random"]
+    assert ratios["peftkit"] < 1.2 and ratios["random"] > 1.5
