@@ -143,6 +143,7 @@ class AdaLoraDriver:
 
     tuner: Any  # peft's AdaLoraModel (``peft_model.base_model``)
     target_budget: int
+    adapter_name: str = "default"
     reallocations: int = 0
     budget_history: list[tuple[int, int]] = field(default_factory=list)
 
@@ -155,7 +156,7 @@ class AdaLoraDriver:
         """Reallocate ranks for optimizer step ``step`` (1-based); call before ``zero_grad``. Returns the budget."""
         self.tuner.update_and_allocate(step)
         self.reallocations += 1
-        budget = sum(final_ranks(self.tuner).values())
+        budget = sum(final_ranks(self.tuner, self.adapter_name).values())
         self.budget_history.append((step, budget))
         return budget
 
@@ -167,7 +168,7 @@ class AdaLoraDriver:
             "exp_avg_unc": dict(allocator.exp_avg_unc),
             "reallocations": self.reallocations,
             "budget_history": list(self.budget_history),
-            "rank_pattern": self.tuner.peft_config["default"].rank_pattern,
+            "rank_pattern": self.tuner.peft_config[self.adapter_name].rank_pattern,
         }
 
     def load_allocator_state(self, state: dict[str, Any]) -> None:
@@ -177,4 +178,4 @@ class AdaLoraDriver:
         allocator.exp_avg_unc = dict(state["exp_avg_unc"])
         self.reallocations = state["reallocations"]
         self.budget_history = [tuple(x) for x in state["budget_history"]]
-        self.tuner.peft_config["default"].rank_pattern = state["rank_pattern"]
+        self.tuner.peft_config[self.adapter_name].rank_pattern = state["rank_pattern"]

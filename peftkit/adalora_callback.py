@@ -92,7 +92,8 @@ class AdaLoraCallback(TrainerCallback):
         self._weight = self._configured_weight if self.orth_reg_weight is None else self.orth_reg_weight
         config.orth_reg_weight = 0.0  # peft's forward would add its own, unsquared, into the loss
         # the rank allocator was built with the config's target_r and the modules present at injection
-        self.driver = adalora.AdaLoraDriver(tuner=tuner, target_budget=tuner.rankallocator.target_bgt)
+        self.driver = adalora.AdaLoraDriver(tuner=tuner, target_budget=tuner.rankallocator.target_bgt,
+                                            adapter_name=self.adapter_name)
         if state.global_step == 0:
             if self.orthogonal_init:
                 adalora.orthogonal_init(model, self.adapter_name)

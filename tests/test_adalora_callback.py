@@ -30,7 +30,8 @@ def _dataset(bert: Path, n: int, seed: int) -> Any:
 
 
 def _trainer(bert: Path, out: Path, callback: Any, trainer_class: Any = None, dropout: float = 0.0,
-             orth_reg_weight: float = 0.5, alpha: float = 32, **arguments: Any) -> Any:
+             orth_reg_weight: float = 0.5, alpha: float = 32, adapter_name: str = "default",
+             **arguments: Any) -> Any:
     from peft import AdaLoraConfig, get_peft_model
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
@@ -41,7 +42,7 @@ def _trainer(bert: Path, out: Path, callback: Any, trainer_class: Any = None, dr
     config = AdaLoraConfig(init_r=INIT_R, target_r=TARGET_R, lora_alpha=alpha, lora_dropout=dropout,
                            target_modules="all-linear", task_type="SEQ_CLS", total_step=1,
                            orth_reg_weight=orth_reg_weight)
-    model = get_peft_model(base, config)
+    model = get_peft_model(base, config, adapter_name=adapter_name)
     settings = {"max_steps": 24, "per_device_train_batch_size": 16, "learning_rate": 1e-2, "report_to": [],
                 "save_strategy": "no", "seed": 7, "use_cpu": True, "disable_tqdm": True, "logging_steps": 1000,
                 **arguments}
@@ -207,6 +208,19 @@ def test_refuses_what_it_cannot_drive(case: str, message: str, bert: Path, tmp_p
             base = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2)
             trainer.model = get_peft_model(base, LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
         callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
+
+
+def test_drives_an_adapter_of_another_name(bert: Path, tmp_path: Path) -> None:
+    from peftkit import AdaLoraCallback
+
+    callback = AdaLoraCallback(warmup=0.2, final=0.3, adapter_name="sentiment")
+    trainer = _trainer(bert, tmp_path, callback, adapter_name="sentiment")
+    trainer.train()
+    ranks = callback.final_ranks
+    assert ranks and sum(ranks.values()) == TARGET_R * len(ranks)
+    assert callback.driver.allocator_state()["rank_pattern"]
+    with pytest.raises(ValueError, match=r"has no adapter 'default' \(it has sentiment\); pass adapter_name="):
+        AdaLoraCallback().on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
 
 
 def test_resume_without_the_allocator_says_which_file(bert: Path, tmp_path: Path) -> None:
