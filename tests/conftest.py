@@ -60,7 +60,7 @@ QUANTIZATION = {
 }
 ADAPTERS = {
     "lora": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
-    "adalora": {"method": "adalora", "init_r": 6, "target_r": 3, "warmup": 0.2, "final": 0.3,
+    "adalora": {"method": "adalora", "init_r": 6, "target_r": 3, "lora_dropout": 0.0, "warmup": 0.2, "final": 0.3,
                 "target_modules": "all-linear"},
 }
 
