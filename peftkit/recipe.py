@@ -173,7 +173,7 @@ class AdaLoraSection(Section):
     """AdaLoRA (Zhang et al. 2023): SVD-shaped adapters whose ranks are pruned to a budget while training.
 
     Defaults differ from LoRA's on purpose (measured and explained in ``peftkit.adalora``): P and Q start
-    orthonormal, alpha is 128 and the adapter learns at twice ``train.lr``.
+    orthonormal, alpha is 128 and the adapter learns at twice ``train.lr``; its dropout is LoRA's.
     """
 
     method: Literal["adalora"] = "adalora"
