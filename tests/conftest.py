@@ -107,3 +107,12 @@ def write_recipe(path: Path, data: dict[str, Any]) -> Path:
 
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for torchrun (its --master_port 0 waits forever for the second process)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -260,18 +260,13 @@ def test_every_process_prunes_the_same_ranks(bert: Path, tmp_path: Path) -> None
     import subprocess
     import sys
 
-    from tests.conftest import REPO
-
-    import socket
+    from tests.conftest import REPO, free_port
 
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER)
-    with socket.socket() as probe:  # torchrun's --master_port 0 waits forever for its second process
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     env = {**os.environ, "REPO": str(REPO), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), str(worker), str(bert), str(tmp_path)],
+                           "--master_port", str(free_port()), str(worker), str(bert), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

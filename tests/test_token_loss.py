@@ -16,7 +16,7 @@ import pytest
 
 from peftkit.recipe import build_recipe
 from peftkit.training import train
-from tests.conftest import make_recipe, write_recipe
+from tests.conftest import free_port, make_recipe, write_recipe
 from tests.test_distributed import _run, assert_same_adapter_weights
 from tests.tiny import FILLER
 
@@ -65,8 +65,6 @@ def test_two_processes_equal_one_on_rows_of_different_lengths(tiny_dir: Path, tm
     """Two processes with batch 2 see together the batches of 4 one process sees; each process's tokens count
     towards one total, gathered across the processes. (Against one process accumulating 2 batches of 2, the
     per-micro-batch mean would pass too: both weigh a token by its micro-batch alike.)"""
-    import socket
-
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     runs = {}
@@ -74,10 +72,7 @@ def test_two_processes_equal_one_on_rows_of_different_lengths(tiny_dir: Path, tm
         out = tmp_path / label
         out.mkdir()
         recipe = write_recipe(out / "recipe.yaml", _recipe(tiny_dir, out, ragged_instructions, batch, 1))
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
         _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-              "--master_port", str(port), str(worker), str(recipe)], cwd=tmp_path)
+              "--master_port", str(free_port()), str(worker), str(recipe)], cwd=tmp_path)
         runs[label] = out / "adapters" / "tiny"
     assert_same_adapter_weights(runs["two"], runs["one"])
