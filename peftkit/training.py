@@ -1,10 +1,11 @@
 """The training run: one loop for every method, task head and process count.
 
-peftkit runs its own loop rather than transformers' ``Trainer`` because three things must happen at exact
-points of each optimizer step that ``Trainer`` does not expose together: the task gradient is clipped alone,
-AdaLoRA's orthogonal regularization is added after the clip (whatever the head computes its loss with), and
-``update_and_allocate`` runs once, after ``optimizer.step()`` and before ``zero_grad()``. accelerate supplies
-the process group, so ``accelerate launch`` and ``torchrun`` work unchanged.
+peftkit runs its own loop rather than transformers' ``Trainer`` for now. Three things must happen at exact points
+of each optimizer step: the task gradient is clipped alone, AdaLoRA's orthogonal regularization is added after
+the clip (whatever the head computes its loss with), and ``update_and_allocate`` runs once, after
+``optimizer.step()`` and before ``zero_grad()``. Trainer 5.x offers both places (``on_pre_optimizer_step``,
+``on_optimizer_step``), which :class:`peftkit.AdaLoraCallback` uses; moving this loop onto Trainer is issue 15.
+accelerate supplies the process group, so ``accelerate launch`` and ``torchrun`` work unchanged.
 """
 
 from __future__ import annotations
