@@ -14,8 +14,8 @@ RNG stream) and the batch order. This script removes those two as well and compa
    frozen weight, the trained values and the dev metrics.
 2. ``peftkit``: ``peftkit.training.train`` on the same recipe, with ``peftkit.training.build_model`` wrapped so
    that the peer's initial values are copied into the trainable parameters right after the model is built,
-   and ``peftkit.training.plan_batches`` replaced by the peer's recorded batches, epoch by epoch. The same
-   things are recorded (the task's loss wrapped).
+   and ``plan_batches`` (in ``peftkit.training`` and ``peftkit.trainer``) replaced by the peer's recorded
+   batches, epoch by epoch. The same things are recorded (the task's loss wrapped).
 3. ``compare``: per-step loss, gradient-norm and learning-rate differences, the first step-1 difference
    (inputs, frozen weights, gradients, optimizer settings), the final weights and dev metrics;
    ``results.json`` and ``results.md`` in ``--out``.
@@ -321,8 +321,11 @@ def run_peftkit(args: argparse.Namespace) -> Path:
             raise StopRun
         return peer["batches"][epoch]
 
+    from peftkit import trainer
+
     training.build_model = build_from_peer
-    training.plan_batches = peer_batches
+    training.plan_batches = peer_batches  # the steps per epoch
+    trainer.plan_batches = peer_batches  # the batches PeftkitTrainer trains on
     recipe = build_recipe(recipe_dict)
     started = time.perf_counter()
     metrics: dict[str, float] = {}

@@ -56,16 +56,6 @@ def main() -> None:
             eval_seconds[0] += time.perf_counter() - started
 
     training.Evaluator.__call__ = timed_evaluate  # type: ignore[method-assign]
-    # training rows seen, counted exactly (peftkit saves examples/s rounded to 0.01, too coarse for slow runs);
-    # evaluation batches go through peftkit.evaluation's own name and are not counted
-    examples = [0]
-    device_batch = training.device_batch
-
-    def counted_batch(task: Any, tokenizer: Any, rows: Any, index: list[int], device: Any) -> Any:
-        examples[0] += len(index)
-        return device_batch(task, tokenizer, rows, index, device)
-
-    training.device_batch = counted_batch
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -88,8 +78,8 @@ def main() -> None:
         "base_memory_bytes": meta["base"]["memory_bytes"],
         "train_seconds": round(train_seconds, 3),
         "eval_seconds": round(eval_seconds[0], 3),
-        "examples": examples[0],
-        "examples_per_second": round(examples[0] / train_seconds, 3) if train_seconds > 0 else None,
+        "examples": run["examples"],  # training rows seen, exactly (examples/s in the metadata is rounded)
+        "examples_per_second": round(run["examples"] / train_seconds, 3) if train_seconds > 0 else None,
         "optimizer_steps": run["optimizer_steps"],
         "device": run["device"],
         "gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,

@@ -15,7 +15,7 @@ What it does, at the two places Trainer 5.x offers (``on_pre_optimizer_step`` ru
   to ``AdaLoraConfig`` does not matter), and ``warmup``/``final`` may be fractions of it, as in peftkit's recipes;
 * ``update_and_allocate`` once per optimizer step, whatever ``gradient_accumulation_steps`` is;
 * the orthogonal regularizer in the paper's squared form (see :func:`peftkit.adalora.orthogonal_regularization`
-  for why the unsquared one holds short runs at chance), its gradient added after the clip, as peftkit's own loop
+  for why the unsquared one holds short runs at chance), its gradient added after the clip, as peftkit's training
   does, whatever computed the loss. peft's in-loss regularizer is switched off while the callback trains (the
   config's ``orth_reg_weight`` is the callback's weight) and the saved configs say the weight the user gave;
 * P and Q start orthonormal (``orthogonal_init``; peft's N(0, 0.02) start left AdaLoRA at chance on SST-2, see
@@ -120,8 +120,13 @@ class AdaLoraCallback(TrainerCallback):
                 p.grad.add_(g)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # Trainer counts the step after this event; peft's schedule is 1-based, as peftkit's own loop calls it
+        # Trainer counts the step after this event; peft's schedule is 1-based
         self.driver.after_optimizer_step(state.global_step + 1)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any) -> None:
+        # beside the training loss, for the callbacks after this one (peftkit's TensorBoard writer among them)
+        if logs is not None and "loss" in logs and self.driver is not None and self.driver.budget_history:
+            logs["adalora_total_rank"] = self.driver.budget_history[-1][1]
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or self.driver is None:

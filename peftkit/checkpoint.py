@@ -1,272 +1,135 @@
-"""Training checkpoints: everything needed to continue a killed run as if it had never stopped.
+"""Training checkpoints: Trainer's, made complete by a record, checked before ``--resume`` reads them.
 
-``<runs>/<name>/checkpoints/step-<N>/`` holds the trainable weights (safetensors), the optimizer and LR
-scheduler states, every random generator, the position in the data, and AdaLoRA's allocator state. Each
-checkpoint is written to a staging folder and renamed into place, so ``--resume`` only ever sees complete
-ones; the oldest are pruned to ``train.keep_checkpoints``. Only the main process writes; under FSDP the
-weights and optimizer state are first gathered from every process's shard, and scattered back on resume.
+``<runs>/<name>/checkpoints/checkpoint-<N>/`` is what ``transformers.Trainer`` writes (the adapter, the optimizer
+and scheduler states, every process's random generators as ``rng_state_<rank>.pth``, ``trainer_state.json``),
+plus AdaLoRA's allocator (:data:`peftkit.adalora_callback.ALLOCATOR_FILE`) and peftkit's record
+(:data:`RECORD_FILE`: the recipe the run computes, its eval history, time and examples so far). The record is
+written last, whole (a temporary file renamed into place), after every process has written its part, so a folder
+without one is a checkpoint a killed run left half-written: ``--resume`` never picks it, and the next save of
+that step replaces it. Trainer's own pruning (``save_total_limit``) is off because it would count such folders;
+:func:`prune` keeps the last ``train.keep_checkpoints`` complete ones.
 
-Nothing in a checkpoint is a pickle, so a checkpoint someone else crafted cannot run code on ``--resume``:
-the states' tensors go to ``training.safetensors`` and everything else to ``training.json``, where tuples,
-non-text dict keys (the optimizer's parameter indices) and numpy arrays are spelled out (:func:`to_json`),
-so the states come back exactly as they were and a resumed run is byte-identical to an uninterrupted one.
+Trainer loads its ``.pt``/``.pth`` files with ``torch.load(weights_only=True)``, which refuses a pickle that
+would run code; :func:`check_readable` reads every file the same way before anything heavy, so a crafted or
+broken checkpoint is refused with one line naming it, and the pickled format of peftkit before it ran on Trainer
+is refused unread.
 """
 
 from __future__ import annotations
 
 import json
-import random
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-
-from .artifacts import staged_folder
-from .errors import PeftkitError, first_line
+from .errors import PeftkitError
 
 if TYPE_CHECKING:
     from .recipe import Recipe
 
-STATE_FILE = "trainer_state.json"
-TENSORS_FILE = "training.safetensors"
-TRAINING_FILE = "training.json"
-PICKLED_FILE = "training.pt"  # where earlier peftkit versions pickled the states; never loaded
+RECORD_FILE = "peftkit_run.json"
+# Trainer pickles its TrainingArguments here and never loads it back on resume; neither does peftkit
+_ARGS_FILE = "training_args.bin"
+_FOLDER = re.compile(r"checkpoint-(\d+)")
+# what peftkit wrote before it ran on Trainer: step-<N>/ with these files (training.pt: a pickle, never read)
+_OLD_FILES = ("training.json", "training.pt")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def _step(folder: Path) -> Optional[int]:
+    match = _FOLDER.fullmatch(folder.name)
+    return int(match.group(1)) if match and folder.is_dir() else None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def rng_state() -> dict[str, Any]:
-    import numpy as np
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def every_rng_state(world: int) -> list[dict[str, Any]]:
-    """Every process's random generators, in rank order; all processes call it. Each process draws its own
-    dropout masks, so a resumed multi-process run matches an uninterrupted one only if every process gets its
-    own generators back (restoring the main process's everywhere gave every rank the same masks)."""
-    if world == 1:
-        return [rng_state()]
-    gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, rng_state())  # in memory between live processes, never a file
-    return gathered
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-# FSDP (version 1) inserts this into parameter names; state dicts and the unwrapped model do not have it
-_FSDP_PREFIX = "_fsdp_wrapped_module."
-
-
-def _full_state_dict_type(model: torch.nn.Module, rank0_only: bool) -> Any:
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    return FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only),
-                                FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only))
-
-
-def training_state(model: torch.nn.Module, unwrapped: torch.nn.Module, optimizer: Any,
-                   sharded: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The trainable weights and the optimizer state, whole, as one process holds them.
-
-    Under FSDP each process holds a shard: every process must call this (it gathers), and only the main
-    process gets the result (the others get empty dicts), named as in the unwrapped model.
-    """
-    if not sharded:
-        return trainable_state(unwrapped), optimizer.state_dict()
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    trainable = {n.replace(_FSDP_PREFIX, "") for n, p in model.named_parameters() if p.requires_grad}
-    with _full_state_dict_type(model, rank0_only=True):
-        weights = {n: t.contiguous() for n, t in model.state_dict().items() if n in trainable}
-        optimizer_state = FSDP.optim_state_dict(model, optimizer)
-    return weights, optimizer_state
-
-
-# How training.json spells what JSON has no word for; each is a one-key object. A dict whose keys are not all
-# text, or that has a key starting with "$", is written as a list of pairs so it cannot pass for one of these.
-_TENSOR, _TUPLE, _ITEMS, _ARRAY = "$tensor", "$tuple", "$items", "$ndarray"
-
-
-def to_json(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """``value`` as JSON data, its tensors moved into ``tensors`` (named by number) and referred to by name."""
-    import numpy as np
-
-    if isinstance(value, torch.Tensor):
-        name = str(len(tensors))
-        tensors[name] = value.detach().cpu().contiguous()
-        return {_TENSOR: name}
-    if isinstance(value, np.ndarray):
-        return {_ARRAY: [value.dtype.str, list(value.shape), value.ravel().tolist()]}
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, tuple):
-        return {_TUPLE: [to_json(v, tensors) for v in value]}
-    if isinstance(value, list):
-        return [to_json(v, tensors) for v in value]
-    if isinstance(value, dict):
-        if all(isinstance(k, str) and not k.startswith("$") for k in value):
-            return {k: to_json(v, tensors) for k, v in value.items()}
-        return {_ITEMS: [[to_json(k, tensors), to_json(v, tensors)] for k, v in value.items()]}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"a checkpoint cannot hold a {type(value).__name__}")  # a bug: every state is plain data
-
-
-def from_json(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """The inverse of :func:`to_json`; a malformed value raises ValueError (or KeyError for a missing tensor)."""
-    import numpy as np
-
-    if isinstance(value, list):
-        return [from_json(v, tensors) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if len(value) == 1 and next(iter(value)) in (_TENSOR, _TUPLE, _ITEMS, _ARRAY):
-        (mark, inner), = value.items()
-        if mark == _TENSOR:
-            return tensors[inner]
-        if mark == _TUPLE:
-            return tuple(from_json(v, tensors) for v in inner)
-        if mark == _ITEMS:
-            return {from_json(k, tensors): from_json(v, tensors) for k, v in inner}
-        dtype, shape, data = inner
-        if np.dtype(dtype).kind not in "biuf":
-            raise ValueError(f"numpy dtype {dtype!r}")
-        return np.array(data, dtype=dtype).reshape(shape)
-    return {k: from_json(v, tensors) for k, v in value.items()}
-
-
-def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-                    scheduler: Any, progress: dict[str, Any], extra: dict[str, Any], keep: int,
-                    rng_states: Optional[list[dict[str, Any]]] = None) -> Path:
-    """``rng_states``: every process's generators (:func:`every_rng_state`); None: this process's only."""
-    from safetensors.torch import save_file
-
-    target = checkpoint_dir(run_dir) / f"step-{step}"
-    tensors: dict[str, torch.Tensor] = {}
-    rngs = rng_states or [rng_state()]
-    # the main process's under "rng" as before (a checkpoint of one process is unchanged), the others' beside it
-    state = to_json({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rngs[0],
-                     **({"rng_other_processes": rngs[1:]} if len(rngs) > 1 else {}), "extra": extra}, tensors)
-    with staged_folder(target, overwrite=True) as folder:
-        save_file(weights, str(folder / "trainable.safetensors"))
-        save_file(tensors, str(folder / TENSORS_FILE))
-        (folder / TRAINING_FILE).write_text(json.dumps(state))
-        (folder / STATE_FILE).write_text(json.dumps(progress, indent=2))
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def _unreadable(path: Path, exc: Exception) -> PeftkitError:
-    return PeftkitError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to resume from an "
-                        "earlier one")
-
-
-def check_readable(path: Path) -> None:
-    """Refuse, before anything heavy, a checkpoint in the pickled format of earlier versions (never opened) or one
-    whose files are not what peftkit writes (the safetensors headers and the JSON are read, not the tensors)."""
-    from safetensors import safe_open
-
-    if not (path / TRAINING_FILE).is_file() and (path / PICKLED_FILE).is_file():
-        raise PeftkitError(
-            f"checkpoint {path} holds its training state as a pickle ({PICKLED_FILE}, written by an earlier peftkit), "
-            "which can run code when loaded and is not read; start over with --overwrite"
-        )
-    try:
-        for name in ("trainable.safetensors", TENSORS_FILE):
-            with safe_open(str(path / name), framework="pt"):
-                pass
-        for name in (TRAINING_FILE, STATE_FILE):
-            json.loads((path / name).read_text())
-    except Exception as exc:
-        raise _unreadable(path, exc) from None
-
-
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    check_readable(path)
-    try:
-        weights = load_file(str(path / "trainable.safetensors"))
-        tensors = load_file(str(path / TENSORS_FILE))
-        state = from_json(json.loads((path / TRAINING_FILE).read_text()), tensors)
-        progress = json.loads((path / STATE_FILE).read_text())
-        if not all(isinstance(part, dict) for part in (state, progress, state.get("extra", {}))):
-            raise ValueError("not a mapping")
-    except Exception as exc:
-        raise _unreadable(path, exc) from None
-    return weights, state, progress
-
-
-def load_checkpoint(path: Path, model: torch.nn.Module, unwrapped: torch.nn.Module, optimizer: Any, scheduler: Any,
-                    sharded: bool, rank: int = 0, world: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore a checkpoint in place, on every process; return (progress, extra). Each process takes its own
-    random generators back when the checkpoint holds as many as there are processes now; otherwise (another
-    process count, or a checkpoint from before they were kept per process) every process takes the main one's."""
-    weights, state, progress = _read(path)
-    params = {n.replace(_FSDP_PREFIX, ""): p for n, p in unwrapped.named_parameters()}
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    if missing or set(weights) - set(params):
-        raise PeftkitError(
-            f"checkpoint {path} does not match this recipe's model ({len(missing)} trainable tensors missing); "
-            "resume with the recipe that started the run"
-        )
-    try:
-        if sharded:  # FSDP scatters the whole tensors to each process's shard
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            with _full_state_dict_type(model, rank0_only=False):
-                model.load_state_dict(weights, strict=False)
-                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state["optimizer"]))
-        else:
-            with torch.no_grad():
-                for name, tensor in weights.items():
-                    params[name].copy_(tensor.to(params[name].device))
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        others = state.get("rng_other_processes", [])
-        own = rank > 0 and isinstance(others, list) and len(others) == world - 1
-        set_rng_state(others[rank - 1] if own else state["rng"])
-    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
-        raise PeftkitError(
-            f"checkpoint {path} does not fit this run ({type(exc).__name__}: {first_line(exc)}); delete it to "
-            "resume from an earlier one, or start over with --overwrite"
-        ) from None
-    return progress, state.get("extra", {})
+    found = [p for p in folder.iterdir() if _step(p) is not None and (p / RECORD_FILE).is_file()]
+    return sorted(found, key=_step)
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def old_format_checkpoints(run_dir: Path) -> list[Path]:
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step-*") if any((p / f).is_file() for f in _OLD_FILES))
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> None:
+    temporary = folder / f".{RECORD_FILE}.tmp"
+    temporary.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(temporary, folder / RECORD_FILE)
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError) as exc:
+        raise _unreadable(folder, RECORD_FILE, exc) from None
+    return record
+
+
+def prune(output_dir: Path, keep: int) -> None:
+    """Keep the last ``keep`` complete checkpoints; drop older ones and half-written ones older than those."""
+    complete = list_checkpoints(output_dir.parent)
+    kept = complete[-keep:]
+    oldest_kept = _step(kept[0]) if kept else None
+    for folder in output_dir.iterdir():
+        step = _step(folder)
+        if step is None or folder in kept:
+            continue
+        if folder in complete or (oldest_kept is not None and step < oldest_kept):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _unreadable(folder: Path, name: str, exc: Exception) -> PeftkitError:
+    return PeftkitError(f"checkpoint {folder} is unreadable ({name}: {type(exc).__name__}); delete it to resume from "
+                        "an earlier one, or start over with --overwrite")
+
+
+def check_readable(folder: Path) -> None:
+    """Read every file of a checkpoint as Trainer will, safely, before the run builds anything."""
+    import torch
+    from safetensors import safe_open
+    from transformers.trainer_pt_utils import safe_globals
+
+    for path in sorted(folder.iterdir()):
+        if path.name == _ARGS_FILE:
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt"):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with safe_globals():  # numpy's generator state, as Trainer's own _load_rng_state allows
+                    torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise _unreadable(folder, path.name, exc) from None
+
+
+def refuse_old_format(run_dir: Path) -> None:
+    old = old_format_checkpoints(run_dir)
+    if old:
+        pickled = " (its training.pt is a pickle, which can run code when loaded, and is not read)" \
+            if (old[-1] / "training.pt").is_file() else ""
+        raise PeftkitError(f"checkpoint {old[-1]} was written by an earlier peftkit, before it trained on "
+                           f"transformers' Trainer{pickled}; it cannot be resumed: start over with --overwrite")
 
 
 # Fields that may change between a run and its resumption: they do not change what is computed.
@@ -283,8 +146,7 @@ def resume_relevant(recipe: "Recipe") -> dict[str, Any]:
 
 
 def check_same_run(saved: Optional[dict[str, Any]], current: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint peftkit does not read, or with a recipe that would compute something else."""
-    check_readable(checkpoint)
+    """Refuse to resume with a recipe that would compute something else than the checkpoint's run."""
     if saved is None:
         return
     for section in sorted(set(saved) | set(current)):

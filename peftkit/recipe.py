@@ -158,7 +158,7 @@ class LoraSection(Section):
     rank_pattern_from: Optional[str] = Field(
         None, description="a registered AdaLoRA adapter (or its LoRA conversion) whose per-module ranks to reuse"
     )
-    # issue 14's levers for quantized bases, through peft (peftkit.lora_init, peftkit.training._optimizer); the
+    # issue 14's levers for quantized bases, through peft (peftkit.lora_init, peftkit.trainer.build_optimizer); the
     # defaults are peft's plain LoRA until the data-size sweep measures them
     init: Literal["default", "gaussian", "loftq", "olora", "pissa"] = Field(
         "default", description="how A and B start: peft's default (B = 0), gaussian, or loftq on a 4-bit base "

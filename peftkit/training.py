@@ -1,22 +1,17 @@
-"""The training run: one loop for every method, task head and process count.
+"""The training run: a recipe planned, its model built, trained on transformers' ``Trainer``, its adapter saved.
 
-peftkit runs its own loop rather than transformers' ``Trainer`` for now. Three things must happen at exact points
-of each optimizer step: the task gradient is clipped alone, AdaLoRA's orthogonal regularization is added after
-the clip (whatever the head computes its loss with), and ``update_and_allocate`` runs once, after
-``optimizer.step()`` and before ``zero_grad()``. Trainer 5.x offers both places (``on_pre_optimizer_step``,
-``on_optimizer_step``), which :class:`peftkit.AdaLoraCallback` uses; moving this loop onto Trainer is issue 15.
-accelerate supplies the process group, so ``accelerate launch`` and ``torchrun`` work unchanged.
+``Trainer`` runs the loop (accumulation, clip, optimizer and scheduler steps, DDP through accelerate, checkpoints
+and ``resume_from_checkpoint``); :class:`peftkit.trainer.PeftkitTrainer` replaces the parts peftkit does otherwise,
+each with its reason; :mod:`peftkit.run_events` decides when to log, evaluate and save, and prints; AdaLoRA is
+driven by the public :class:`peftkit.AdaLoraCallback`, the same one any Trainer user can add. ``accelerate launch``
+and ``torchrun`` work unchanged: Trainer takes the process group they set up.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 import os
 import random
 import shutil
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +20,22 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import adalora
+from .adalora_callback import AdaLoraCallback
 from .artifacts import build_metadata, seal, staged_folder
 from .build import BuiltModel, Plan, build_model, plan_run
-from .checkpoint import (STATE_FILE, check_same_run, every_rng_state, latest_checkpoint, list_checkpoints,
-                         load_checkpoint, resume_relevant, save_checkpoint, training_state)
+from .checkpoint import (check_readable, check_same_run, checkpoint_dir, latest_checkpoint, list_checkpoints,
+                         read_record, refuse_old_format, resume_relevant)
 from .data import eval_batches, plan_batches, short_run_notice, steps_per_epoch
 from .errors import PeftkitError
-from .evaluation import collect, device_batch, in_row_order, metrics_by_source
+from .evaluation import collect, in_row_order, metrics_by_source
 from .finite import first_non_finite
 from .launch import check_launch, fit_fsdp_plugin
 from .models import describe_quantization, fingerprint, pick_device
 from .rank_report import HEATMAP_FILE, save_heatmap
 from .recipe import AdaLoraSection, Recipe
 from .registry import Registry
+from .run_events import RunFlow, RunRecord, RunReport, format_metrics
+from .trainer import PeftkitTrainer, RowIndices, diverged
 
 
 @dataclass
@@ -56,6 +54,25 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def check_destination(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, Path]:
     """Refuse, before any work, a run that would clobber or ignore what is already saved."""
     registry = Registry(recipe.output.registry)
@@ -69,59 +86,18 @@ def check_destination(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Pa
             raise PeftkitError(f"output.name: {exc}") from None
     checkpoints = list_checkpoints(run_dir)
     if resume and not checkpoints:
+        refuse_old_format(run_dir)
         raise PeftkitError(f"--resume: no checkpoint in {run_dir}/checkpoints; run without --resume to start")
     if resume:
-        try:
-            saved = json.loads((checkpoints[-1] / STATE_FILE).read_text()).get("recipe")
-        except (OSError, ValueError):
-            saved = None  # an unreadable checkpoint is reported when it is loaded
-        check_same_run(saved, resume_relevant(recipe), checkpoints[-1])
-    if checkpoints and not resume and not overwrite:
+        check_readable(checkpoints[-1])
+        check_same_run(read_record(checkpoints[-1]).get("recipe"), resume_relevant(recipe), checkpoints[-1])
+    if (checkpoints or checkpoint_dir(run_dir).is_dir() and any(checkpoint_dir(run_dir).iterdir())) \
+            and not resume and not overwrite:
         raise PeftkitError(
             f"{run_dir} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to "
             "start over"
         )
     return target, run_dir
-
-
-def loraplus_b(name: str, p: torch.nn.Parameter, is_head: bool) -> bool:
-    """Whether LoRA+ trains ``name`` at ``loraplus_lr_ratio`` x lr: peft's rule (``peft.optimizers.loraplus.
-    create_loraplus_optimizer``: ``"lora_B" in name or param.ndim == 1``, so DoRA's magnitudes too) for the
-    adapter's parameters. The task head keeps its own learning rate (peft's rule would put the head's bias at the
-    ratio and its weight at lr). peft's third group, LoRA on embeddings at ``loraplus_lr_embedding``, cannot occur:
-    peftkit adapts linear layers only (``adapters.resolve_target_modules``)."""
-    return not is_head and ("lora_B" in name or p.ndim == 1)
-
-
-def _optimizer(model: torch.nn.Module, recipe: Recipe, head_modules: list[str]) -> torch.optim.Optimizer:
-    t = recipe.train
-    ratio = getattr(recipe.adapter, "loraplus_lr_ratio", None)
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_head = any(f".{h}." in f".{name}" for h in head_modules)
-        lr = t.head_lr if (is_head and t.head_lr) else t.lr
-        if "lora_" in name and isinstance(recipe.adapter, AdaLoraSection):
-            lr = t.lr * recipe.adapter.lr_scale
-        if ratio and loraplus_b(name, p, is_head):
-            lr = t.lr * ratio
-        no_decay = name.endswith("bias") or "norm" in name.lower() or "lora_E" in name
-        groups.setdefault((lr, 0.0 if no_decay else t.weight_decay), []).append(p)
-    # One fused kernel for every parameter (transformers' Trainer defaults to the same, adamw_torch_fused): on the
-    # CPU torch's default AdamW loops over parameters one by one, which made full fine-tuning slower than Trainer.
-    trainable = [p for ps in groups.values() for p in ps]
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in trainable)
-    return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-                             fused=fused or None)
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total: int) -> Any:
-    from transformers import get_scheduler
-
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[recipe.train.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=int(recipe.train.warmup_ratio * total),
-                         num_training_steps=total)
 
 
 class Evaluator:
@@ -132,6 +108,7 @@ class Evaluator:
     """
 
     def __init__(self, plan: Plan, batch_size: int, device: torch.device, rank: int, world: int, sharded: bool):
+        # sharded: FSDP, known once Trainer's accelerator exists
         self.plan, self.device = plan, device
         self.rank, self.world = (0, 1) if sharded else (rank, world)
         self.batch_size = batch_size
@@ -148,39 +125,6 @@ class Evaluator:
         return metrics_by_source(self.plan.task, collected, self.plan.eval_parts)
 
 
-def _row_items(plan: Plan) -> Optional[list[int]]:
-    """What each training row adds to the count the loss averages over (None: a mean over rows)."""
-    if len(plan.train_rows) == 0 or plan.task.loss_items(plan.train_rows[0]) is None:
-        return None
-    return [plan.task.loss_items(row) for row in plan.train_rows]
-
-
-def _step_items(row_items: Optional[list[int]], group: list[list[int]], world: int,
-                device: torch.device) -> Optional[float]:
-    """The items (tokens) of one optimizer step over its micro-batches and every process, which each
-    micro-batch's summed loss is divided by: accumulating 4 batches of 2 then equals one batch of 8, and two
-    processes equal one, on rows of any length. Dividing each micro-batch's mean by the micro-batch count
-    instead weighed a token by the size of its micro-batch (transformers' ``num_items_in_batch`` fixed the same)."""
-    if row_items is None:
-        return None
-    local = sum(row_items[i] for idx in group for i in idx)
-    if world == 1:
-        return float(max(local, 1))
-    total = torch.tensor(float(local), device=device)
-    torch.distributed.all_reduce(total)  # one small collective per optimizer step
-    return max(float(total), 1.0)
-
-
-def _format_metrics(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-def _diverged(what: str, step: int, recipe: Recipe, total: int) -> PeftkitError:
-    clip = "" if recipe.train.max_grad_norm else ", or set train.max_grad_norm to clip the gradient"
-    return PeftkitError(f"step {step}/{total}: {what}: training diverged; lower train.lr ({recipe.train.lr:g}){clip}, "
-                        "or check the data for extreme or empty rows; no adapter was saved")
-
-
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
           echo: Callable[[str], None] = print) -> TrainResult:
     """Run a recipe end to end: plan, load, train with evaluation and checkpoints, save the adapter.
@@ -195,7 +139,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
 
 
 def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], None]) -> TrainResult:
-    from accelerate import Accelerator
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     # bitsandbytes warns on every 8-bit matmul that float32 inputs go through float16; once is enough
     warnings.filterwarnings("once", message=r"MatMul8bitLt: inputs will be cast")
@@ -203,10 +147,10 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
     target, run_dir = check_destination(recipe, resume, overwrite)
     t = recipe.train
     device = pick_device(t.device)
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    # the launcher's (torchrun, accelerate launch) process count: the plan deals the batches out by it
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    main = rank == 0
     say = echo if main else (lambda _: None)
-    sharded = check_launch(accelerator, recipe, say)
     set_seed(t.seed)
 
     plan = plan_run(recipe, world)
@@ -225,148 +169,77 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
     if notice:
         say(notice)
 
-    driver = adalora.AdaLoraDriver.for_model(model, recipe.adapter) if isinstance(recipe.adapter, AdaLoraSection) else None
-    if sharded:
-        fit_fsdp_plugin(accelerator, model, recipe)
-    if world > 1:
-        model = accelerator.prepare_model(model, device_placement=False)
-    unwrapped = accelerator.unwrap_model(model)
-    # made after wrapping: FSDP replaces the parameters the optimizer must hold (DDP keeps them)
-    optimizer = _optimizer(model, recipe, built.head_modules)
-    scheduler = _scheduler(optimizer, recipe, plan.total_steps)
-
-    progress = {"step": 0, "epoch": 0, "group": 0, "history": [], "train_seconds": 0.0,
-                "recipe": resume_relevant(recipe)}
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        assert checkpoint is not None
-        progress, extra = load_checkpoint(checkpoint, model, unwrapped, optimizer, scheduler, sharded, rank, world)
-        if driver is not None and "adalora" in extra:
-            driver.load_allocator_state(extra["adalora"])
-        say(f"resumed from {checkpoint} at step {progress['step']}")
-    elif overwrite and main and run_dir.exists():
+    resume_from = latest_checkpoint(run_dir) if resume else None
+    record = read_record(resume_from) if resume_from else {}
+    if overwrite and not resume and main and run_dir.exists():
         shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoints and TensorBoard events: the run is replaced
-
-    writer = _tensorboard(run_dir) if main else None
-    evaluate = Evaluator(plan, t.eval_batch_size or t.batch_size, device, rank, world, sharded)
-    lengths = [len(ids) for ids in plan.train_rows["input_ids"]]
-    row_items = _row_items(plan)
-    n_batches = len(plan_batches(lengths, t.batch_size, t.seed, 0, t.group_by_length, world))
+    history: list[dict[str, Any]] = list(record.get("history", []))
+    n_batches = len(plan_batches([len(ids) for ids in plan.train_rows["input_ids"]], t.batch_size, t.seed, 0,
+                                 t.group_by_length, world))
     per_epoch = steps_per_epoch(n_batches, t.grad_accum, world)
-    bar = _progress_bar(plan.total_steps, progress["step"], enabled=main and t.progress)
-    if t.eval_at_start and progress["step"] == 0:
-        metrics = evaluate(model)
-        progress["history"].append({"step": 0, **metrics})
-        say(f"step 0/{plan.total_steps} eval: {_format_metrics(metrics)}")
-    model.train()
-    started = time.perf_counter()
-    seconds_before = progress["train_seconds"]
-    # examples trained before a --resume count too, or examples/s would be this session's over the whole time
-    examples_before = progress.get("train_examples", 0)
-    examples = 0
-    metrics: dict[str, float] = {}
-    running_loss, running_count = 0.0, 0
+    output_dir = checkpoint_dir(run_dir)
 
-    while progress["step"] < plan.total_steps:
-        batches = plan_batches(lengths, t.batch_size, t.seed, progress["epoch"], t.group_by_length, world)[rank::world]
-        groups = [batches[i : i + t.grad_accum] for i in range(0, len(batches), t.grad_accum)]
-        for group_index in range(progress["group"], len(groups)):
-            group = groups[group_index]
-            step_items = _step_items(row_items, group, world, device)
-            for j, idx in enumerate(group):
-                batch = device_batch(plan.task, plan.tokenizer, plan.train_rows, idx, device)
-                sync = j == len(group) - 1 or world == 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    # no name holds the outputs: a causal LM's logits (batch x length x vocabulary) would stay
-                    # alive through this backward and the next forward
-                    if step_items is None:  # a mean over rows: each micro-batch weighs the same
-                        loss = plan.task.loss(model(**plan.task.model_inputs(batch)), batch)
-                        accelerator.backward(loss / len(group))
-                    else:  # a mean over tokens: each token of the whole step weighs the same
-                        summed = plan.task.loss_sum(model(**plan.task.model_inputs(batch)), batch)
-                        # DDP averages the processes' gradients, hence the factor world
-                        accelerator.backward(summed * (world / step_items))
-                        loss = summed / max(sum(row_items[i] for i in idx), 1)
-                value = float(loss.detach())  # one sync per micro-batch, which the running loss needs anyway
-                if not math.isfinite(value):
-                    raise _diverged(f"the loss is {value}", progress["step"] + 1, recipe, plan.total_steps)
-                running_loss += value
-                running_count += 1
-                examples += len(idx)
-            if t.max_grad_norm:  # through accelerate: under FSDP the norm is summed over every process's shard
-                norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                if norm is not None and not math.isfinite(float(norm)):  # one sync per optimizer step
-                    raise _diverged(f"the gradient norm is {float(norm)}", progress["step"] + 1, recipe,
-                                    plan.total_steps)
-            if driver is not None and recipe.adapter.orth_reg_weight > 0:
-                # after the clip, so the clip measures the task gradient alone (see adalora.py)
-                with accelerator.no_sync(model) if world > 1 else contextlib.nullcontext():
-                    regularization = adalora.orthogonal_regularization(unwrapped, form=recipe.adapter.orth_reg_form)
-                    (recipe.adapter.orth_reg_weight * regularization).backward()
-            optimizer.step()
-            scheduler.step()
-            progress["step"] += 1
-            progress["group"] = group_index + 1
-            step = progress["step"]
-            if driver is not None:
-                budget = driver.after_optimizer_step(step)
-                if writer:
-                    writer.add_scalar("adalora/total_rank", budget, step)
-            optimizer.zero_grad(set_to_none=True)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{running_loss / max(running_count, 1):.4f}")
-            if step % t.log_every == 0 or step == plan.total_steps:
-                if writer:
-                    writer.add_scalar("train/loss", running_loss / max(running_count, 1), step)
-                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                running_loss, running_count = 0.0, 0
-            end_of_epoch = progress["group"] == len(groups)
-            if (t.eval_every and step % t.eval_every == 0) or (not t.eval_every and end_of_epoch) \
-                    or step == plan.total_steps:
-                metrics = evaluate(model)
-                progress["history"].append({"step": step, **metrics})
-                if writer:
-                    for key, value in metrics.items():
-                        writer.add_scalar(f"eval/{key}", value, step)
-                _print_above(bar, say, f"step {step}/{plan.total_steps} eval: {_format_metrics(metrics)}")
-            if step < plan.total_steps and ((t.save_every and step % t.save_every == 0) or
-                                            (not t.save_every and end_of_epoch)):
-                progress["train_seconds"] = seconds_before + time.perf_counter() - started
-                progress["train_examples"] = examples_before + examples
-                weights, optimizer_state = training_state(model, unwrapped, optimizer, sharded)  # all processes
-                rng_states = every_rng_state(world)  # all processes
-                if main:
-                    save_checkpoint(run_dir, step, weights, optimizer_state, scheduler, _resumable(progress, groups),
-                                    {"adalora": driver.allocator_state()} if driver else {}, t.keep_checkpoints,
-                                    rng_states)
-                accelerator.wait_for_everyone()
-            if step >= plan.total_steps:
-                break
-        else:
-            progress["epoch"] += 1
-            progress["group"] = 0
-            continue
-        break
-    if bar is not None:
-        bar.close()
-    seconds = seconds_before + time.perf_counter() - started
+    adalora_events = None
+    callbacks: list[Any] = []
+    if isinstance(recipe.adapter, AdaLoraSection):
+        # orthogonal_init=False: build_model already started P and Q orthonormal, on every process alike
+        adalora_events = AdaLoraCallback(warmup=plan.schedule[0], final=plan.schedule[1],
+                                         orth_reg_weight=recipe.adapter.orth_reg_weight,
+                                         orth_reg_form=recipe.adapter.orth_reg_form, orthogonal_init=False,
+                                         resume_from=resume_from)
+        callbacks.append(adalora_events)
+    report = RunReport(say, plan.total_steps, main and t.progress, history)
+    callbacks += [RunFlow(plan.total_steps, per_epoch, t.log_every, t.eval_every, t.save_every), report]
+    writer = _tensorboard(run_dir) if main else None
+    if writer is not None:
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(writer))  # after AdaLoraCallback, which adds the rank budget to logs
+
+    # Trainer seeds every generator again as it is made; putting them back keeps the dropout masks where they were
+    # before Trainer ran peftkit's runs (a stored run, the sweep's included, reruns to the same weights)
+    generators = rng_state()
+    trainer = PeftkitTrainer(plan=plan, recipe=recipe, head_modules=built.head_modules,
+                             rank=rank, world=world, model=model, args=_arguments(recipe, output_dir, device, plan),
+                             train_dataset=RowIndices(len(plan.train_rows)), callbacks=callbacks)
+    set_rng_state(generators)
+    for default in (PrinterCallback, ProgressCallback):  # RunReport prints instead (see run_events.py)
+        trainer.remove_callback(default)
+    run_record = RunRecord(output_dir, resume_relevant(recipe), t.keep_checkpoints, history,
+                           lambda: trainer.examples, record)
+    trainer.add_callback(run_record)
+    sharded = check_launch(trainer.accelerator, recipe, say)
+    trainer.evaluator = Evaluator(plan, t.eval_batch_size or t.batch_size, device, rank, world, sharded)
+    if sharded:
+        fit_fsdp_plugin(trainer.accelerator, model, recipe)
+    if resume_from is not None:
+        say(f"resumed from {resume_from} at step {record.get('step')}")
+    elif t.eval_at_start:
+        trainer.evaluate()  # step 0, before Trainer builds its state (which its eval_on_start would need a strategy for)
+    with warnings.catch_warnings():
+        # peft flags the zero-size tensors of modules AdaLoRA pruned to rank 0 as unsharded ZeRO-3 leftovers
+        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = run_record.seconds
+    metrics = trainer.last_metrics
     if writer:
         writer.close()
 
-    result_dir = target
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     metadata: dict[str, Any] = {}
     # under FSDP the whole state dict is gathered to the main process, and every process must take part
-    saved_state = {"state_dict": accelerator.get_state_dict(model)} if sharded else {}
+    saved_state = {"state_dict": trainer.accelerator.get_state_dict(trainer.model_wrapped)} if sharded else {}
     if main:
         trained = saved_state["state_dict"].items() if sharded else \
             ((n, p.detach()) for n, p in unwrapped.named_parameters() if p.requires_grad)
         bad = first_non_finite(trained)  # the last update can break the weights with no loss left to show it
         if bad is not None:
-            raise _diverged(f"the trained weights hold NaN or infinite values (in {bad})", progress["step"], recipe,
-                            plan.total_steps)
+            raise diverged(f"the trained weights hold NaN or infinite values (in {bad})", trainer.state.global_step,
+                           recipe, plan.total_steps)
+        driver = adalora_events.driver if adalora_events else None
+        progress = {"step": trainer.state.global_step, "history": history}
         metadata = _metadata(recipe, plan, built, unwrapped, driver, base_fp, metrics, progress, seconds,
-                             examples_before + examples, per_epoch, world, device)
+                             run_record.total_examples, per_epoch, world, device)
         with staged_folder(target, overwrite=overwrite) as folder, warnings.catch_warnings():
             # peft flags the zero-size tensors of modules AdaLoRA pruned to rank 0 as unsharded ZeRO-3 leftovers
             warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
@@ -375,17 +248,27 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
                 save_heatmap(metadata["adapter"]["adalora"]["final_ranks"], recipe.adapter.init_r,
                              folder / HEATMAP_FILE, f"{recipe.output.name}: AdaLoRA final ranks")
             seal(folder, metadata)
-        say(f"saved {target} in {seconds:.0f} s of training: {_format_metrics(metrics)}")
-    accelerator.wait_for_everyone()
-    return TrainResult(result_dir, metrics, metadata, unwrapped)
+        say(f"saved {target} in {seconds:.0f} s of training: {format_metrics(metrics)}")
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(target, metrics, metadata, unwrapped)
 
 
-def _resumable(progress: dict[str, Any], groups: list) -> dict[str, Any]:
-    state = dict(progress)
-    if state["group"] >= len(groups):  # the epoch is done: resume at the next one
-        state["epoch"] += 1
-        state["group"] = 0
-    return state
+def _arguments(recipe: Recipe, output_dir: Path, device: torch.device, plan: Plan) -> Any:
+    """Trainer's arguments for a recipe. The optimizer, the schedule, the batches and when to log, evaluate and
+    save are peftkit's (PeftkitTrainer, RunFlow), so their arguments here are only what Trainer reads of them."""
+    from transformers import TrainingArguments
+
+    t = recipe.train
+    return TrainingArguments(
+        output_dir=str(output_dir), seed=t.seed, max_steps=plan.total_steps,
+        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr, max_grad_norm=t.max_grad_norm or 0.0,
+        eval_strategy="no", save_strategy="no", logging_strategy="no", save_total_limit=None,
+        report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        use_cpu=device.type == "cpu",
+        # every trainable parameter takes part in every step; DDP's search for unused ones costs a pass per step
+        ddp_find_unused_parameters=False,
+    )
 
 
 def _metadata(recipe: Recipe, plan: Plan, built: BuiltModel, model: Any, driver: Optional[adalora.AdaLoraDriver],
@@ -449,21 +332,6 @@ def _tensorboard(run_dir: Path) -> Any:
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-
-def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-
-def _print_above(bar: Any, say: Callable[[str], None], line: str) -> None:
-    if bar is not None:
-        bar.write(line)
-    else:
-        say(line)
 
 
 __all__ = ["train", "TrainResult", "check_destination"]

@@ -72,7 +72,7 @@ def test_killed_two_process_run_resumes_to_the_one_process_result(tiny_dir, tmp_
     killed = _launch([str(worker), str(recipe)], cwd=tmp_path)
     assert killed.returncode != 0, killed.stdout[-2000:]
     checkpoints = two / "runs" / "tiny" / "checkpoints"
-    assert [p.name for p in checkpoints.iterdir()] == ["step-4"]
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-4"]
     # nothing registered: the registry holds at most the name's lock file, which a dead run no longer holds
     assert [p.name for p in (two / "adapters").iterdir() if p.name != ".lock-tiny"] == []
 

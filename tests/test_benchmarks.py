@@ -160,7 +160,7 @@ def test_careful_peer_trains_with_peftkits_settings(method: str, tiny_dir: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from peftkit import training
+    from peftkit import trainer
     from peftkit.build import build_model, plan_run
     from peftkit.recipe import build_recipe
 
@@ -176,12 +176,12 @@ def test_careful_peer_trains_with_peftkits_settings(method: str, tiny_dir: Path,
         {n: p.shape for n, p in ours.model.named_parameters() if p.requires_grad}
     assert built.steps == plan.total_steps == 6
     # every parameter at peftkit's learning rate and weight decay: head, adapter (AdaLoRA's at lr_scale x lr), norms
-    peftkit_optimizer = training._optimizer(ours.model, rec, ours.head_modules)
+    peftkit_optimizer = trainer.build_optimizer(ours.model, rec, ours.head_modules)
     expected = groups_by_name(ours.model, peftkit_optimizer)
     assert groups_by_name(built.model, built.trainer.optimizer) == expected
     assert len(set(expected.values())) == (4 if method == "adalora" else 3)
     # the same learning rate at every step (warm-up, schedule), and the same clip and batch size
-    peftkit_schedule = training._scheduler(peftkit_optimizer, rec, plan.total_steps)
+    peftkit_schedule = trainer.build_scheduler(peftkit_optimizer, rec, plan.total_steps)
     assert [built.trainer.lr_scheduler.lr_lambdas[0](s) for s in range(7)] == \
         [peftkit_schedule.lr_lambdas[0](s) for s in range(7)]
     assert built.trainer.args.max_grad_norm == rec.train.max_grad_norm
@@ -208,7 +208,7 @@ def test_careful_peer_follows_the_recipes_levers(tiny_dir: Path, varied_root: Pa
     import torch
 
     from bench_tasks import baseline_flags
-    from peftkit import training
+    from peftkit import trainer
     from peftkit.build import build_model, plan_run
     from peftkit.recipe import build_recipe
 
@@ -226,7 +226,7 @@ def test_careful_peer_follows_the_recipes_levers(tiny_dir: Path, varied_root: Pa
     for name in mine:  # LoftQ's start, not peft's B = 0
         assert torch.allclose(theirs[name], mine[name], atol=1e-6), name
     assert all(p.any() for n, p in mine.items() if "lora_B" in n)
-    expected = groups_by_name(ours.model, training._optimizer(ours.model, rec, ours.head_modules))
+    expected = groups_by_name(ours.model, trainer.build_optimizer(ours.model, rec, ours.head_modules))
     assert groups_by_name(built.model, built.trainer.optimizer) == expected
     assert {lr for n, (lr, _) in expected.items() if "lora_B" in n} == {16 * rec.train.lr}
     assert {lr for n, (lr, _) in expected.items() if "classifier" in n} == {3e-3}

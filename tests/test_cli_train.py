@@ -80,7 +80,7 @@ def test_resume_continues_a_killed_run_exactly(recipe_for, monkeypatch):
 
     lines = []
     resumed = train(interrupted, resume=True, echo=lines.append)
-    assert any(line.startswith("resumed from ") and "step-4" in line for line in lines)
+    assert any(line.startswith("resumed from ") and "checkpoint-4" in line for line in lines)
     expected = {n: p for n, p in uninterrupted.model.named_parameters() if p.requires_grad}
     for name, p in resumed.model.named_parameters():
         if p.requires_grad:
@@ -100,11 +100,36 @@ def test_resume_with_a_changed_recipe_is_refused(recipe_for, tmp_path):
     (tmp_path / "adapters" / "tiny").rename(tmp_path / "finished")  # as if the run had been killed
     result = runner.invoke(main, ["train", str(recipe), "--resume", "--set", "train.batch_size=8"])
     assert result.exit_code != 0
-    checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / "step-2"
+    checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / "checkpoint-2"
     assert result.output.strip() == (
         f"Error: --resume: train.batch_size was 16 when {checkpoint} was written and is 8 now; resume with the "
         "original value, or start over with --overwrite")
     ok = runner.invoke(main, ["train", str(recipe), "--resume", "--set", "train.max_steps=4",
                               "--set", "train.eval_every=1"])
     assert ok.exit_code == 0, ok.output
-    assert "resumed from" in ok.output and "step-2" in ok.output
+    assert "resumed from" in ok.output and "checkpoint-2" in ok.output
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from(recipe_for, tmp_path):
+    """A checkpoint is complete once its record is written, last: a run killed while saving step 4 (Trainer's
+    files there, no record) resumes from step 2, and pruning keeps complete checkpoints, never counting the
+    half-written one."""
+    from peftkit.checkpoint import RECORD_FILE, list_checkpoints, prune
+
+    data = recipe_for(train={"max_steps": 6, "save_every": 2, "keep_checkpoints": 2, "eval_at_start": False})
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    runner = CliRunner()
+    assert runner.invoke(main, ["train", str(recipe)]).exit_code == 0
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    (tmp_path / "adapters" / "tiny").rename(tmp_path / "finished")  # as if killed while saving step 4
+    (checkpoints / "checkpoint-4" / RECORD_FILE).unlink()
+    assert [p.name for p in list_checkpoints(tmp_path / "runs" / "tiny")] == ["checkpoint-2"]
+    prune(checkpoints, keep=1)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    result = runner.invoke(main, ["train", str(recipe), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert f"resumed from {checkpoints / 'checkpoint-2'} at step 2" in result.output
+    # the step-4 checkpoint was written again, whole; the oldest complete one beyond keep_checkpoints is gone
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert (checkpoints / "checkpoint-4" / RECORD_FILE).is_file()

@@ -90,7 +90,7 @@ def test_two_processes_match_one_with_accumulation(tiny_dir, tmp_path, dropout_f
 
     adapters = list((two / "adapters").iterdir())
     assert [p.name for p in adapters] == ["tiny"]  # written once, by the main process
-    assert [p.name for p in (two / "runs" / "tiny" / "checkpoints").iterdir()] == ["step-4"]
+    assert [p.name for p in (two / "runs" / "tiny" / "checkpoints").iterdir()] == ["checkpoint-4"]
     assert_same_adapter_weights(two / "adapters" / "tiny", one / "adapters" / "tiny")
     meta = json.loads((two / "adapters" / "tiny" / "peftkit.json").read_text())
     assert meta["training"]["num_processes"] == 2 and meta["training"]["optimizer_steps"] == 8

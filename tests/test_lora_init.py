@@ -9,7 +9,8 @@ import torch
 from peftkit.build import build_model, plan_run
 from peftkit.errors import RecipeError
 from peftkit.recipe import build_recipe
-from peftkit.training import _optimizer, train
+from peftkit.trainer import build_optimizer as _optimizer
+from peftkit.training import train
 from tests.conftest import make_recipe
 
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from peftkit.artifacts import read_metadata, seal
-from peftkit.checkpoint import from_json, to_json
 from peftkit.errors import PeftkitError
 from peftkit.export import export
 from peftkit.loading import load_trained
@@ -75,46 +74,35 @@ def _edit_metadata(folder: Path, edit, redigest: bool) -> None:
 def _killed_before_save(root: Path) -> Path:
     """The run as if killed after its checkpoint: no adapter yet; returns the checkpoint's folder."""
     shutil.rmtree(root / "adapters" / "tiny")
-    return root / "runs" / "tiny" / "checkpoints" / "step-2"
+    return root / "runs" / "tiny" / "checkpoints" / "checkpoint-2"
 
 
 def test_a_pickled_checkpoint_of_the_old_format_is_refused_unread(copy):
     checkpoint = _killed_before_save(copy)
+    old = checkpoint.parent / "step-2"  # peftkit before it trained on Trainer: a pickle in step-<N>/training.pt
+    old.mkdir()
+    shutil.rmtree(checkpoint)
     marker = copy / "ran"
-    for name in ("training.json", "training.safetensors"):
-        (checkpoint / name).unlink()
-    (checkpoint / "training.pt").write_bytes(pickle.dumps(Payload(marker)))
+    (old / "training.pt").write_bytes(pickle.dumps(Payload(marker)))
     assert error_line("train", copy / "recipe.yaml", "--resume") == (
-        f"Error: checkpoint {checkpoint} holds its training state as a pickle (training.pt, written by an earlier "
-        "peftkit), which can run code when loaded and is not read; start over with --overwrite")
+        f"Error: checkpoint {old} was written by an earlier peftkit, before it trained on transformers' Trainer (its "
+        "training.pt is a pickle, which can run code when loaded, and is not read); it cannot be resumed: start over "
+        "with --overwrite")
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("replaced", ["trainable.safetensors", "training.safetensors", "training.json"])
+@pytest.mark.parametrize("replaced", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "adapter_model.safetensors",
+                                      "trainer_state.json"])
 def test_a_pickle_in_place_of_a_checkpoint_file_is_refused(copy, replaced):
     checkpoint = _killed_before_save(copy)
+    assert (checkpoint / replaced).is_file()
     marker = copy / "ran"
     torch.save(Payload(marker), checkpoint / replaced)  # torch.load(weights_only=False) would run it
-    assert error_line("train", copy / "recipe.yaml", "--resume").startswith(
-        f"Error: checkpoint {checkpoint} is unreadable (")
+    assert error_line("train", copy / "recipe.yaml", "--resume") == (
+        f"Error: checkpoint {checkpoint} is unreadable ({replaced}: "
+        f"{'UnpicklingError' if replaced.endswith(('.pt', '.pth')) else 'SafetensorError' if 'safetensors' in replaced else 'UnicodeDecodeError'}"
+        "); delete it to resume from an earlier one, or start over with --overwrite")
     assert not marker.exists()
-
-
-def test_training_states_round_trip_through_json_exactly():
-    import numpy as np
-
-    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}},
-             "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "params": [0]}],
-             "numpy": ("MT19937", np.arange(5, dtype=np.uint32), 2, 0, 0.1),
-             "looks like a mark": {"$tensor": "0"}}
-    tensors: dict[str, torch.Tensor] = {}
-    back = from_json(json.loads(json.dumps(to_json(state, tensors))), tensors)
-    assert back["state"][0]["exp_avg"] is tensors["1"] and torch.equal(back["state"][0]["step"], torch.tensor(3.0))
-    assert back["param_groups"] == state["param_groups"] and back["looks like a mark"] == {"$tensor": "0"}
-    assert back["numpy"][0] == "MT19937" and back["numpy"][1].dtype == np.uint32
-    assert np.array_equal(back["numpy"][1], state["numpy"][1]) and back["numpy"][2:] == (2, 0, 0.1)
-    with pytest.raises(ValueError, match="numpy dtype"):
-        from_json({"$ndarray": ["O", [1], [None]]}, {})
 
 
 # ---- metadata -------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def test_same_seed_same_losses(recipe_for):
 
 def test_optimizer_is_fused_on_cpu(recipe_for):
     # torch's default AdamW steps parameter by parameter on the CPU; fused (Trainer's default too) is one kernel
-    from peftkit.training import _optimizer
+    from peftkit.trainer import build_optimizer as _optimizer
 
     recipe = build_recipe(recipe_for(task="classification", quant="fp32", adapter="lora"))
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
