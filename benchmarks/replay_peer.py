@@ -12,9 +12,9 @@ RNG stream) and the batch order. This script removes those two as well and compa
    every step (``Trainer.compute_loss`` wrapped), the gradient norm before the clip, each group's learning
    rate and AdamW settings at every step, the step-1 gradients before and after the clip, a digest of every
    frozen weight, the trained values and the dev metrics.
-2. ``peftkit``: ``peftkit.training.train`` on the same recipe, with ``peftkit.training.build_model`` wrapped so
-   that the peer's initial values are copied into the trainable parameters right after the model is built,
-   and ``plan_batches`` (in ``peftkit.training`` and ``peftkit.trainer``) replaced by the peer's recorded
+2. ``peftkit``: ``peftkit.training.train`` on the same recipe, with ``build_model`` (as ``peftkit.transfer`` calls
+   it) wrapped so that the peer's initial values are copied into the trainable parameters right after the
+   model is built, and ``plan_batches`` (in ``peftkit.training`` and ``peftkit.trainer``) replaced by the peer's recorded
    batches, epoch by epoch. The same things are recorded (the task's loss wrapped).
 3. ``compare``: per-step loss, gradient-norm and learning-rate differences, the first step-1 difference
    (inputs, frozen weights, gradients, optimizer settings), the final weights and dev metrics;
@@ -283,10 +283,12 @@ def run_peftkit(args: argparse.Namespace) -> Path:
     peer = torch.load(work / "peer.pt", weights_only=False)
     rec = Recorder()
     seen: dict[str, Any] = {}
-    build_model = training.build_model
+    from peftkit import transfer
 
-    def build_from_peer(plan: Any, device: Any) -> Any:
-        built = build_model(plan, device)
+    build_model = transfer.build_model
+
+    def build_from_peer(plan: Any, device: Any, start: Any = None) -> Any:
+        built = build_model(plan, device, start)
         model = built.model
         assert not active_dropouts(model), active_dropouts(model)
         params = dict(model.named_parameters())
@@ -323,7 +325,7 @@ def run_peftkit(args: argparse.Namespace) -> Path:
 
     from peftkit import trainer
 
-    training.build_model = build_from_peer
+    transfer.build_model = build_from_peer
     training.plan_batches = peer_batches  # the steps per epoch
     trainer.plan_batches = peer_batches  # the batches PeftkitTrainer trains on
     recipe = build_recipe(recipe_dict)
@@ -478,8 +480,8 @@ def markdown(result: dict[str, Any]) -> str:
         "and per step the loss (`Trainer.compute_loss` wrapped), the gradient norm before the clip "
         "(`Accelerator.clip_grad_norm_` wrapped, shared by both tools) and each AdamW group's learning rate "
         "(a global optimizer step pre-hook). Then `peftkit.training.train` ran the same recipe with "
-        "`peftkit.training.build_model` wrapped to copy the peer's initial values into the trainable parameters, "
-        "and `peftkit.training.plan_batches` replaced by the peer's batches, epoch by epoch; its loss was "
+        "`build_model` (as `peftkit.transfer` calls it) wrapped to copy the peer's initial values into the "
+        "trainable parameters, and `plan_batches` replaced by the peer's batches, epoch by epoch; its loss was "
         "recorded by wrapping the task's loss.",
         "",
         "## Per step",

@@ -25,6 +25,7 @@ _LAZY = {
     "AdaLoraCallback": ("peftkit.adalora_callback", "AdaLoraCallback"),
     "Registry": ("peftkit.registry", "Registry"),
     "load_trained": ("peftkit.loading", "load_trained"),
+    "load_server": ("peftkit.serving", "load_server"),
     "to_lora": ("peftkit.convert", "to_lora"),
     "rank_report": ("peftkit.rank_report", "report"),
 }
@@ -39,5 +40,6 @@ def __getattr__(name: str):  # PEP 562: the heavier parts of the API import on f
     raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
 
 
-__all__ = ["AdaLoraCallback", "PeftkitError", "RecipeError", "Recipe", "load_recipe", "train", "Registry", "load_trained", "to_lora",
+__all__ = ["AdaLoraCallback", "PeftkitError", "RecipeError", "Recipe", "load_recipe", "train", "Registry", "load_trained",
+           "load_server", "to_lora",
            "rank_report", "__version__"]

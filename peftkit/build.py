@@ -1,21 +1,22 @@
 """From a validated recipe to the objects a run needs: task head, tokenized data, base model with adapter.
 
 Ordered so that the cheap steps that can fail on user input (data files, columns, labels, AdaLoRA's schedule)
-run before the base model is loaded.
+run before the base model is loaded. What a recipe takes from stored adapters (``adapter.init_from``'s weights,
+``adapter.rank_pattern_from``'s ranks) is read by :mod:`peftkit.transfer` and handed in: model code does not
+reach into the adapter store.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .adalora import orthogonal_init, resolve_schedule
 from .adapters import (ADAPTER_NAME, count_parameters, inject, peft_config, present_head_modules,
                        resolve_module_paths, resolve_target_modules)
 from .data import encode, load_task_data, total_steps
 from .errors import PeftkitError
-from .models import BaseRef, load_pretrained, load_tokenizer, memory_footprint, resolve_base
-from .quantized import freeze_quantized_layers
+from .models import BaseRef, load_base_for_task, load_tokenizer, memory_footprint, resolve_base
 from .recipe import AdaLoraSection, Recipe
 from .tasks import TaskHead, make_task
 
@@ -36,7 +37,9 @@ class Plan:
     eval_parts: list[tuple[str, int]] = field(default_factory=list)  # (data set, its encoded eval rows), several
 
 
-def plan_run(recipe: Recipe, num_processes: int = 1) -> Plan:
+def plan_run(recipe: Recipe, num_processes: int = 1, rank_pattern: Optional[dict[str, int]] = None) -> Plan:
+    """``rank_pattern``: LoRA ranks per module (``adapter.rank_pattern_from``, read by
+    :func:`peftkit.transfer.learned_rank_pattern`)."""
     task = make_task(recipe.task.type, recipe.task.options())
     raw = load_task_data(recipe.data, task, recipe.train.seed)
     base = resolve_base(recipe.base)
@@ -52,15 +55,7 @@ def plan_run(recipe: Recipe, num_processes: int = 1) -> Plan:
         problem = loftq_weights_file(base.path)
         if problem:
             raise PeftkitError(problem)
-    if getattr(recipe.adapter, "init_from", None):
-        from .registry import Registry
-
-        try:
-            Registry(recipe.output.registry).folder(recipe.adapter.init_from)
-        except PeftkitError as exc:
-            raise PeftkitError(f"adapter.init_from: {exc}") from None
-    return Plan(recipe, task, base, tokenizer, train_rows, eval_rows, steps, schedule,
-                learned_rank_pattern(recipe), eval_parts)
+    return Plan(recipe, task, base, tokenizer, train_rows, eval_rows, steps, schedule, rank_pattern, eval_parts)
 
 
 def _encode_eval(raw: Any, task: TaskHead, tokenizer: Any, max_length: int) -> tuple[Any, list[tuple[str, int]]]:
@@ -74,27 +69,6 @@ def _encode_eval(raw: Any, task: TaskHead, tokenizer: Any, max_length: int) -> t
     return datasets.concatenate_datasets([rows for _, rows in parts]), [(name, len(rows)) for name, rows in parts]
 
 
-def learned_rank_pattern(recipe: Recipe) -> Optional[dict[str, int]]:
-    """Per-module ranks of ``adapter.rank_pattern_from`` (modules AdaLoRA pruned to rank 0 left out)."""
-    source = getattr(recipe.adapter, "rank_pattern_from", None)
-    if source is None:
-        return None
-    from .registry import Registry
-
-    try:
-        entry = Registry(recipe.output.registry).get(source)
-    except PeftkitError as exc:
-        raise PeftkitError(f"adapter.rank_pattern_from: {exc}") from None
-    adapter = entry.metadata["adapter"]
-    ranks = adapter.get("adalora", {}).get("final_ranks") or adapter.get("rank_pattern")
-    if not ranks:
-        raise PeftkitError(
-            f"adapter.rank_pattern_from: {source} is a {adapter['method']} adapter without learned ranks; "
-            "name an AdaLoRA adapter or its LoRA conversion"
-        )
-    return {module: rank for module, rank in ranks.items() if rank > 0}
-
-
 @dataclass
 class BuiltModel:
     model: Any  # a PeftModel, or the plain model for full fine-tuning
@@ -106,23 +80,11 @@ class BuiltModel:
     provenance: dict[str, Any] = field(default_factory=dict)  # where the adapter's start came from
 
 
-def load_base_for_task(recipe: Recipe, task: TaskHead, base: BaseRef, tokenizer: Any, device: Any,
-                       packed_inference: bool = False) -> Any:
-    """The frozen base model with the task's head, quantized as the recipe says, guarded against drift.
-
-    ``packed_inference``: for a model that will only predict (see :func:`freeze_quantized_layers`).
-    """
-
-    def load(auto_class: Any, **kwargs: Any) -> Any:
-        return load_pretrained(auto_class, base, recipe.base, recipe.quantization, list(task.head_module_names),
-                               device, **kwargs)
-
-    model = task.load_model(load, tokenizer)
-    freeze_quantized_layers(model, packed_inference)
-    return model
+# start(model, head_modules) -> provenance: sets the adapter's first weights from elsewhere (adapter.init_from)
+Start = Callable[[Any, list[str]], dict[str, Any]]
 
 
-def build_model(plan: Plan, device: Any) -> BuiltModel:
+def build_model(plan: Plan, device: Any, start: Optional[Start] = None) -> BuiltModel:
     recipe = plan.recipe
     model = load_base_for_task(recipe, plan.task, plan.base, plan.tokenizer, device)
     base_bytes = memory_footprint(model)
@@ -150,9 +112,10 @@ def build_model(plan: Plan, device: Any) -> BuiltModel:
 
         provenance["loftq_layers"] = apply_loftq(model, plan.base.path, ADAPTER_NAME)
     if recipe.adapter.init_from:
-        from .transfer import initialise_from
-
-        provenance = initialise_from(model, recipe, plan.task, heads)
+        if start is None:
+            raise PeftkitError("adapter.init_from: this model was built without the adapter it starts from; build "
+                               "it with peftkit.transfer.prepare_run")
+        provenance = start(model, heads)
     if plan.rank_pattern:
         provenance["rank_pattern_from"] = recipe.adapter.rank_pattern_from
     trainable, total = count_parameters(model)

@@ -164,7 +164,7 @@ def combine(registry: Registry, parents: list[str], weights: list[float], method
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from .build import load_base_for_task
+    from .models import load_base_for_task
     from .models import load_tokenizer, resolve_base, user_trust
     from .recipe import Recipe
     from .tasks import make_task

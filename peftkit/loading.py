@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import check_readable, file_head, read_metadata, sha256_file
-from .build import load_base_for_task
 from .errors import PeftkitError
-from .models import BaseRef, fingerprint, load_tokenizer, pick_device, resolve_base, user_trust
+from .models import BaseRef, fingerprint, load_base_for_task, load_tokenizer, pick_device, resolve_base, user_trust
 from .recipe import Recipe
 from .tasks import TaskHead, make_task
 

@@ -31,6 +31,9 @@ from .recipe import BaseModelSection, QuantizationSection
 if TYPE_CHECKING:
     import torch
 
+    from .recipe import Recipe
+    from .tasks import TaskHead
+
 
 @dataclass(frozen=True)
 class PackagedModel:
@@ -338,3 +341,20 @@ def load_tokenizer(ref: BaseRef, base: BaseModelSection) -> Any:
 def memory_footprint(model: Any) -> int:
     """Bytes held by the model's parameters and buffers (quantized weights at their stored size)."""
     return int(model.get_memory_footprint())
+
+
+def load_base_for_task(recipe: "Recipe", task: "TaskHead", base: BaseRef, tokenizer: Any, device: Any,
+                       packed_inference: bool = False) -> Any:
+    """The frozen base model with the task's head, quantized as the recipe says, guarded against drift.
+
+    ``packed_inference``: for a model that will only predict (see :func:`freeze_quantized_layers`).
+    """
+    from .quantized import freeze_quantized_layers
+
+    def load(auto_class: Any, **kwargs: Any) -> Any:
+        return load_pretrained(auto_class, base, recipe.base, recipe.quantization, list(task.head_module_names),
+                               device, **kwargs)
+
+    model = task.load_model(load, tokenizer)
+    freeze_quantized_layers(model, packed_inference)
+    return model

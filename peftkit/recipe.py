@@ -28,27 +28,13 @@ from pydantic import (
 )
 
 from .errors import PeftkitError, RecipeError
+from .recipe_errors import Refused, SectionProblems, describe_error
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
-class SectionProblems(ValueError):
-    """Problems a section finds across its fields, each reported under its own key: ``(key, message)``."""
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = problems
-        super().__init__("; ".join(f"{key}: {message}" for key, message in problems))
-
-
 # No count in a recipe needs more: a bigger one is a typo (or 99999999999999999999) that would overflow later.
 MAX_INT = 2**31 - 1
-
-
-class Refused:
-    """A recipe value refused before pydantic sees it, with the reason to report."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
 
 
 def _expects(annotation: Any, kind: type) -> bool:
@@ -489,9 +475,7 @@ def build_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        from .recipe_errors import describe_error
-
-        problems = [line for e in exc.errors() for line in describe_error(e)]
+        problems = [line for e in exc.errors() for line in describe_error(e, Recipe, (LoraSection, AdaLoraSection))]
         recipe = None
     task = data.get("task") if isinstance(data.get("task"), dict) else None
     if task is not None and isinstance(task.get("type"), str):

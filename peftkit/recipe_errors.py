@@ -13,12 +13,25 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from .recipe import AdaLoraSection, LoraSection, Recipe, Refused, SectionProblems
+
+class SectionProblems(ValueError):
+    """Problems a section finds across its fields, each reported under its own key: ``(key, message)``."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {message}" for key, message in problems))
 
 
-def _model_for_path(loc: tuple) -> tuple[Optional[type[BaseModel]], tuple]:
+class Refused:
+    """A recipe value refused before pydantic sees it, with the reason to report."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _model_for_path(schema: type[BaseModel], loc: tuple) -> tuple[Optional[type[BaseModel]], tuple]:
     """Walk the schema along an error location; return the section class holding the last key."""
-    cls: Any = Recipe
+    cls: Any = schema
     rest = list(loc[:-1])
     while rest:
         key = rest.pop(0)
@@ -48,18 +61,20 @@ def _model_classes(annotation: Any) -> list[type[BaseModel]]:
     return found
 
 
-def describe_error(error: dict[str, Any]) -> list[str]:
-    """One pydantic error as problem lines, each starting with its key path."""
+def describe_error(error: dict[str, Any], schema: type[BaseModel],
+                   adapter_sections: tuple[type[BaseModel], ...]) -> list[str]:
+    """One pydantic error of ``schema`` (the recipe) as problem lines, each starting with its key path;
+    ``adapter_sections``: the adapter methods' sections, to say which method a misplaced key belongs to."""
     loc = tuple(str(x) for x in error["loc"])
     kind = error["type"]
     if kind == "extra_forbidden":
-        cls, loc = _model_for_path(loc)
+        cls, loc = _model_for_path(schema, loc)
         key = loc[-1]
         path = ".".join(loc)
         hint = ""
         if cls is not None:
             close = difflib.get_close_matches(key, list(cls.model_fields), n=1, cutoff=0.6)
-            belongs = _where_key_belongs(key) if loc[0] == "adapter" else "remove it"
+            belongs = _where_key_belongs(key, adapter_sections) if loc[0] == "adapter" else "remove it"
             if belongs != "remove it":  # a real option of the other method beats a look-alike of this one
                 hint = f"; {belongs}"
             elif close:
@@ -90,8 +105,8 @@ def describe_error(error: dict[str, Any]) -> list[str]:
     return [f"{path}: {message[0].lower()}{message[1:]}{shown}"]
 
 
-def _where_key_belongs(key: str) -> str:
-    for cls in (LoraSection, AdaLoraSection):
+def _where_key_belongs(key: str, adapter_sections: tuple[type[BaseModel], ...]) -> str:
+    for cls in adapter_sections:
         if key in cls.model_fields:
             other = typing.get_args(cls.model_fields["method"].annotation)[0]
             article = "an" if other[0] in "aeiou" else "a"

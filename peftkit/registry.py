@@ -105,12 +105,6 @@ class Registry:
             raise PeftkitError(f"{key}: adapter {name!r} is being written into {self.root}/ by {who}; wait for it "
                                "to finish, or choose another name") from None
 
-    def load(self, names: list[str], **options: Any) -> Any:
-        """One base model in memory serving ``names`` (see :func:`peftkit.serving.load_server`)."""
-        from .serving import load_server
-
-        return load_server(self, names, **options)
-
     def remove(self, name: str) -> bool:
         """Remove adapter ``name``, or a folder of that name left incomplete; False for the latter."""
         check_adapter_name(name)

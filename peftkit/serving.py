@@ -1,6 +1,6 @@
 """One base model in memory serving many registered adapters: switched per call or mixed in one batch.
 
-    server = Registry("adapters").load(["sst2-qlora", "agnews-qlora"])
+    server = load_server(Registry("adapters"), ["sst2-qlora", "agnews-qlora"])
     server.predict(["great film", "stocks fell"], adapter=["sst2-qlora", "agnews-qlora"])
 
 Every adapter's LoRA weights live in one peft model over the shared base (see ``served_adapter.py`` for why
@@ -49,7 +49,7 @@ def _is_decoder(config: Any) -> bool:
 
 
 class Server:
-    """Built by :func:`load_server` (or ``Registry.load``)."""
+    """Built by :func:`load_server`."""
 
     def __init__(self, model: nn.Module, peft_model: Any, tokenizer: Any, adapters: dict[str, ServedAdapter],
                  decoder: bool, base_bytes: int, description: dict[str, Any]):

@@ -22,7 +22,7 @@ import torch
 from . import adalora
 from .adalora_callback import AdaLoraCallback
 from .artifacts import build_metadata, seal, staged_folder
-from .build import BuiltModel, Plan, build_model, plan_run
+from .build import BuiltModel, Plan
 from .checkpoint import (check_readable, check_same_run, checkpoint_dir, latest_checkpoint, list_checkpoints,
                          read_record, refuse_old_format, resume_relevant)
 from .data import eval_batches, plan_batches, short_run_notice, steps_per_epoch
@@ -36,6 +36,7 @@ from .recipe import AdaLoraSection, Recipe
 from .registry import Registry
 from .run_events import RunFlow, RunRecord, RunReport, format_metrics
 from .trainer import PeftkitTrainer, RowIndices, diverged
+from .transfer import prepare_run
 
 
 @dataclass
@@ -153,8 +154,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
     say = echo if main else (lambda _: None)
     set_seed(t.seed)
 
-    plan = plan_run(recipe, world)
-    built = build_model(plan, device)
+    plan, built = prepare_run(recipe, device, world)
     model = built.model
     base_fp = fingerprint(plan.base.path)
     say(f"base: {plan.base.identity} ({describe_quantization(recipe.quantization, recipe.base.dtype)}), "

@@ -1,15 +1,53 @@
-"""Start a new task's adapter from a registered one (``adapter.init_from``): its adapter weights, and its task
-head when the new task can use it. The lineage is recorded in the new adapter's ``provenance``."""
+"""Start a new adapter from registered ones: ``adapter.init_from`` (its adapter weights, and its task head when
+the new task can use it) and ``adapter.rank_pattern_from`` (the per-module ranks an AdaLoRA run learned). The
+lineage is recorded in the new adapter's ``provenance``. This is where a run reads the adapter store; the model
+code it calls (:mod:`peftkit.build`) is handed what was read."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
+from .build import BuiltModel, Plan, build_model, plan_run
 from .errors import PeftkitError
 from .finite import check_finite
 from .recipe import Recipe
 from .registry import Registry
 from .tasks import TaskHead
+
+
+def prepare_run(recipe: Recipe, device: Any, num_processes: int = 1) -> tuple[Plan, BuiltModel]:
+    """The run's plan and built model, with what the recipe takes from stored adapters."""
+    if getattr(recipe.adapter, "init_from", None):  # fail before the data and the model load
+        try:
+            Registry(recipe.output.registry).folder(recipe.adapter.init_from)
+        except PeftkitError as exc:
+            raise PeftkitError(f"adapter.init_from: {exc}") from None
+    plan = plan_run(recipe, num_processes, learned_rank_pattern(recipe))
+
+    def start(model: Any, head_modules: list[str]) -> dict[str, Any]:
+        return initialise_from(model, recipe, plan.task, head_modules)
+
+    return plan, build_model(plan, device, start)
+
+
+def learned_rank_pattern(recipe: Recipe) -> Optional[dict[str, int]]:
+    """Per-module ranks of ``adapter.rank_pattern_from`` (modules AdaLoRA pruned to rank 0 left out)."""
+    source = getattr(recipe.adapter, "rank_pattern_from", None)
+    if source is None:
+        return None
+    try:
+        entry = Registry(recipe.output.registry).get(source)
+    except PeftkitError as exc:
+        raise PeftkitError(f"adapter.rank_pattern_from: {exc}") from None
+    adapter = entry.metadata["adapter"]
+    ranks = adapter.get("adalora", {}).get("final_ranks") or adapter.get("rank_pattern")
+    if not ranks:
+        raise PeftkitError(
+            f"adapter.rank_pattern_from: {source} is a {adapter['method']} adapter without learned ranks; "
+            "name an AdaLoRA adapter or its LoRA conversion"
+        )
+    return {module: rank for module, rank in ranks.items() if rank > 0}
+
 
 
 def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: list[str]) -> dict[str, Any]:

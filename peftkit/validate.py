@@ -27,7 +27,7 @@ def check_data(recipe: Recipe) -> str:
     t = recipe.train
     summary = f"data: {len(raw.train):,} train rows, {len(raw.eval):,} eval rows"
     if getattr(recipe.adapter, "rank_pattern_from", None):
-        from .build import learned_rank_pattern
+        from .transfer import learned_rank_pattern
 
         ranks = learned_rank_pattern(recipe) or {}
         summary += f"; ranks of {recipe.adapter.rank_pattern_from}: {len(ranks)} modules, {sum(ranks.values())} in all"

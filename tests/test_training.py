@@ -12,10 +12,8 @@ import json
 import pytest
 import torch
 
-from peftkit import training
-from peftkit.build import load_base_for_task
 from peftkit.loading import load_trained
-from peftkit.models import resolve_base
+from peftkit.models import load_base_for_task, resolve_base
 from peftkit.recipe import build_recipe
 from peftkit.training import train
 
@@ -47,14 +45,16 @@ def _encoded_rows(loaded):
 def record_initial_adapter(monkeypatch) -> dict[str, torch.Tensor]:
     """The adapter's tensors as :func:`peftkit.training.train` builds them, before its first optimizer step."""
     initial: dict[str, torch.Tensor] = {}
-    build = training.build_model
+    from peftkit import transfer
 
-    def recording(plan, device):
-        built = build(plan, device)
+    build = transfer.build_model  # what a run builds its model with (through transfer.prepare_run)
+
+    def recording(plan, device, start=None):
+        built = build(plan, device, start)
         initial.update({n: p.detach().clone() for n, p in built.model.named_parameters() if "lora_" in n})
         return built
 
-    monkeypatch.setattr(training, "build_model", recording)
+    monkeypatch.setattr(transfer, "build_model", recording)
     return initial
 
 

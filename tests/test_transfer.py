@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftkit.build import build_model, plan_run
+from peftkit.transfer import prepare_run
 from peftkit.errors import PeftkitError
 from peftkit.recipe import build_recipe
 from peftkit.training import train
@@ -27,8 +27,7 @@ def parent(recipe_for):
 def test_child_starts_from_parent_weights_and_head(recipe_for, parent):
     data = recipe_for(quant="4bit", train={"max_steps": 2, "eval_at_start": False}, output={"name": "child"})
     data["adapter"]["init_from"] = "parent"
-    plan = plan_run(build_recipe(data))
-    built = build_model(plan, torch.device("cpu"))
+    plan, built = prepare_run(build_recipe(data), torch.device("cpu"))
     lora = lambda n: "lora_" in n  # noqa: E731
     expected, got = _state(parent.model, lora), _state(built.model, lora)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
