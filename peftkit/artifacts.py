@@ -149,3 +149,27 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     except ValueError:  # UnicodeDecodeError included
         raise PeftkitError(f"{path} is corrupt (not valid JSON); retrain or restore the adapter") from None
     return validate(metadata, path)
+
+
+def derived_lora_recipe(parent_recipe: dict[str, Any], name: str, r: int, lora_alpha: float, lora_dropout: float,
+                        target_modules: list[str]) -> dict[str, Any]:
+    """The recipe recorded for a LoRA adapter made from stored ones (converted, combined): the parent's, with the
+    adapter the new one holds and its own name, so `peftkit adapters show` and retraining read true settings."""
+    recipe = dict(parent_recipe)
+    recipe["adapter"] = {"method": "lora", "r": r, "lora_alpha": float(lora_alpha), "lora_dropout": lora_dropout,
+                         "target_modules": target_modules}
+    recipe["output"] = {**recipe["output"], "name": name}
+    return recipe
+
+
+def register_derived(target: Path, weights: dict[str, Any], peft_config: dict[str, Any], metadata: dict[str, Any],
+                     overwrite: bool) -> Path:
+    """Write an adapter made from stored ones into the registry folder ``target``: its weights, its peft config
+    and its sealed metadata, appearing whole (staged, then renamed into place)."""
+    from safetensors.torch import save_file
+
+    with staged_folder(target, overwrite=overwrite) as folder:
+        save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2, default=list) + "\n")
+        seal(folder, metadata)
+    return target

@@ -26,10 +26,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .artifacts import build_metadata, seal, staged_folder
+from .artifacts import build_metadata, derived_lora_recipe, register_derived
 from .errors import PeftkitError
 from .finite import check_finite, check_weights
-from .loading import verify_files
 from .registry import Entry, Registry
 
 PREFIX = "base_model.model."
@@ -93,17 +92,15 @@ def _short(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
-def lora_weights_and_config(entry: Entry) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+def lora_weights_and_config(registry: Registry, entry: Entry) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
     """A parent as a LoRA adapter: weights, config dict, and whether it was converted from AdaLoRA."""
-    from safetensors.torch import load_file
-
     from .convert import convert_weights, lora_config_for
+    from .snapshot import read_snapshot
 
     if entry.metadata.get("recipe", {}).get("adapter") is None:
         raise PeftkitError(f"{entry.name} is a full fine-tune, not an adapter; only adapters can be combined")
-    verify_files(entry.folder, entry.metadata)
-    config = json.loads((entry.folder / "adapter_config.json").read_text())
-    weights = load_file(str(entry.folder / "adapter_model.safetensors"))
+    snapshot = read_snapshot(registry, entry.name)  # the verified bytes are the ones combined
+    config, weights = dict(snapshot.config), snapshot.weights
     check_finite(weights.items(), entry.name, "it cannot be combined; retrain it (with a lower train.lr)")
     if config["peft_type"] == "ADALORA":
         weights, ranks = convert_weights(weights, config["lora_alpha"], config["init_r"])
@@ -162,10 +159,8 @@ def combine(registry: Registry, parents: list[str], weights: list[float], method
     """
     from peft import PeftConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    from .models import load_base_for_task
-    from .models import load_tokenizer, resolve_base, user_trust
+    from .models import load_base_for_task, load_tokenizer, resolve_base, user_trust
     from .recipe import Recipe
     from .tasks import make_task
 
@@ -175,7 +170,7 @@ def combine(registry: Registry, parents: list[str], weights: list[float], method
         registry.refuse_existing(name, "choose another --name or pass --overwrite")
     entries = [registry.get(p) for p in parents]
     _check_compatible(entries)
-    loaded = [lora_weights_and_config(e) for e in entries]
+    loaded = [lora_weights_and_config(registry, e) for e in entries]
     split = [_split_head(w) for w, _, _ in loaded]
     _check_ranks(parents, [lora for lora, _ in split], method)
     head = combined_head([h for _, h in split], weights, parents)
@@ -224,10 +219,8 @@ def combine(registry: Registry, parents: list[str], weights: list[float], method
 
     lora_keys = module_ranks(combined)
     leaf_targets = sorted({m.split(".")[-1] for m in lora_keys})
-    new_recipe = dict(first["recipe"])
-    new_recipe["adapter"] = {"method": "lora", "r": config.r, "lora_alpha": float(config.lora_alpha),
-                             "lora_dropout": config.lora_dropout, "target_modules": leaf_targets}
-    new_recipe["output"] = {**new_recipe["output"], "name": name}
+    new_recipe = derived_lora_recipe(first["recipe"], name, config.r, config.lora_alpha, config.lora_dropout,
+                                     leaf_targets)
     metadata = build_metadata(
         name=name, task=first["task"], base=first["base"],
         adapter={"method": "lora", "targets": leaf_targets, "head_modules": first["adapter"].get("head_modules", []),
@@ -243,8 +236,4 @@ def combine(registry: Registry, parents: list[str], weights: list[float], method
                         for e in entries},
         },
     )
-    with staged_folder(target, overwrite=overwrite) as folder:
-        save_file(combined, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (folder / "adapter_config.json").write_text(json.dumps(config_dict, indent=2, default=list) + "\n")
-        seal(folder, metadata)
-    return target
+    return register_derived(target, combined, config_dict, metadata, overwrite)

@@ -15,7 +15,6 @@ pruned to rank 0 adds nothing and is left out of the LoRA adapter.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -23,10 +22,9 @@ from typing import Any, Callable
 
 import torch
 
-from .artifacts import build_metadata, seal, staged_folder
+from .artifacts import build_metadata, derived_lora_recipe, register_derived
 from .errors import PeftkitError
 from .finite import check_finite
-from .loading import verify_files
 from .registry import Registry
 
 PREFIX = "base_model.model."
@@ -83,7 +81,7 @@ def lora_config_for(adalora_config: dict[str, Any], ranks: dict[str, int]) -> di
 def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
             warn: Callable[[str], None] = lambda message: warnings.warn(message, stacklevel=2)) -> Path:
     """Convert registered AdaLoRA adapter ``source`` into a LoRA adapter registered as ``name``."""
-    from safetensors.torch import load_file, save_file
+    from .snapshot import read_snapshot
 
     entry = registry.get(source)
     if entry.metadata["adapter"]["method"] != "adalora":
@@ -91,7 +89,7 @@ def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
             f"{source} is a {entry.metadata['adapter']['method']} adapter; `adalora to-lora` converts AdaLoRA "
             "adapters only"
         )
-    verify_files(entry.folder, entry.metadata)
+    entry = read_snapshot(registry, source)  # the verified bytes are the ones converted
     target = registry.target(name)
     if not overwrite:
         registry.refuse_existing(name, "choose another --name or pass --overwrite")
@@ -99,18 +97,15 @@ def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
     if info["final_budget"] != info["target_budget"]:
         warn(f"{source} stopped before its final budget ({info['final_budget']} ranks kept, target "
              f"{info['target_budget']}); converting the {info['final_budget']} ranks it kept")
-    adalora_config = json.loads((entry.folder / "adapter_config.json").read_text())
-    weights = load_file(str(entry.folder / "adapter_model.safetensors"))
+    adalora_config, weights = entry.config, entry.weights
     lora_weights, ranks = convert_weights(weights, adalora_config["lora_alpha"], adalora_config["init_r"])
     config = lora_config_for(adalora_config, ranks)
     check_finite(lora_weights.items(), f"{source} converted to LoRA", f"{source} itself is damaged (check it with "
                  f"`peftkit adapters show {source}`) or diverged in training; nothing was registered")
 
     kept = {m: r for m, r in ranks.items() if r > 0}
-    recipe = dict(entry.metadata["recipe"])
-    recipe["adapter"] = {"method": "lora", "r": config["r"], "lora_alpha": float(config["r"]),
-                         "lora_dropout": config["lora_dropout"], "target_modules": sorted(kept)}
-    recipe["output"] = {**recipe["output"], "name": name}
+    recipe = derived_lora_recipe(entry.metadata["recipe"], name, config["r"], config["r"], config["lora_dropout"],
+                                 sorted(kept))
     metadata = build_metadata(**{
         **{k: v for k, v in entry.metadata.items() if k not in ("format_version", "created", "versions", "files")},
         "name": name,
@@ -131,11 +126,7 @@ def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
             "dropped_modules": sorted(m for m, r in ranks.items() if r == 0),
         },
     })
-    with staged_folder(target, overwrite=overwrite) as folder:
-        save_file(lora_weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
-        seal(folder, metadata)
-    return target
+    return register_derived(target, lora_weights, config, metadata, overwrite)
 
 
 def measure_conversion(registry: Registry, source: str, name: str, n_rows: int = 64,

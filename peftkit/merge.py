@@ -128,8 +128,7 @@ def merged_float_model(loaded: Any, sample: Sample, device: torch.device) -> tup
     """The adapter merged in float32 into the dequantized base, and the merge's own rounding on ``sample``."""
     from peft import PeftModel
 
-    from .models import load_base_for_task
-    from .models import resolve_base
+    from .models import load_base_for_task, resolve_base
 
     base = load_base_for_task(loaded.recipe, loaded.task, resolve_base(loaded.recipe.base), loaded.tokenizer, device)
     if loaded.recipe.quantization.bits is not None:

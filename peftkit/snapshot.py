@@ -1,9 +1,9 @@
 """A registered adapter read into memory in one go, every file checked against its recorded sha256.
 
-Serving reads adapters this way rather than letting peft open the files: the bytes that were verified are
-the bytes that get used, so a concurrent ``peftkit adapters rm`` or a file replaced mid-load cannot slip a
-half-read or different adapter past the check; either the whole adapter is read or the load fails with a
-one-line error naming it.
+Serving, ``adapter.init_from``, ``adalora to-lora`` and ``combine`` read adapters this way rather than opening
+the files after a check: the bytes that were verified are the bytes that get used, so a concurrent ``peftkit
+adapters rm`` or a file replaced mid-load cannot slip a half-read or different adapter past the check; either
+the whole adapter is read or the load fails with a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,12 @@ def _removed(registry: Registry, name: str) -> PeftkitError:
                         "register it again or leave it out")
 
 
-def read_snapshot(registry: Registry, name: str) -> AdapterSnapshot:
+def read_snapshot(registry: Registry, name: str,
+                  not_an_adapter: str = "it cannot share a base with others; use `peftkit eval NAME` for it alone"
+                  ) -> AdapterSnapshot:
+    """Adapter ``name`` read once, every file checked; what each consumer of a stored adapter reads (serving,
+    transfer, conversion, combination). ``not_an_adapter``: what to say when ``name`` is a full fine-tune."""
+    not_an_adapter = not_an_adapter.replace("NAME", name)
     folder = registry.folder(name)
     try:
         metadata = read_metadata(folder)
@@ -55,8 +60,7 @@ def read_snapshot(registry: Registry, name: str) -> AdapterSnapshot:
                                "restore it or retrain")
         check_readable(folder / relative, blob, len(blob))
     if metadata.get("recipe", {}).get("adapter") is None:
-        raise PeftkitError(f"{name} is a fully fine-tuned model, not an adapter: it cannot share a base with "
-                           f"others; use `peftkit eval {name}` for it alone")
+        raise PeftkitError(f"{name} is a fully fine-tuned model, not an adapter; {not_an_adapter}")
     if ADAPTER_WEIGHTS not in blobs or ADAPTER_CONFIG not in blobs:
         raise PeftkitError(f"{folder} lacks {ADAPTER_WEIGHTS} or {ADAPTER_CONFIG}; retrain the adapter")
     from safetensors.torch import load as load_safetensors

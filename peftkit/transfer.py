@@ -53,33 +53,33 @@ def learned_rank_pattern(recipe: Recipe) -> Optional[dict[str, int]]:
 def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: list[str]) -> dict[str, Any]:
     """Copy the weights of ``recipe.adapter.init_from`` into ``model``; return the provenance to record."""
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    from .loading import verify_files
+    from .snapshot import read_snapshot
 
     source = recipe.adapter.init_from
     key = "adapter.init_from"
     try:
-        entry = Registry(recipe.output.registry).get(source)
+        snapshot = read_snapshot(Registry(recipe.output.registry), source,
+                                 "only an adapter can start another; name a LoRA or AdaLoRA adapter")
     except PeftkitError as exc:
         raise PeftkitError(f"{key}: {exc}") from None
-    verify_files(entry.folder, entry.metadata)
-    if entry.metadata["adapter"]["method"] != recipe.adapter.method:
+    metadata = snapshot.metadata
+    if metadata["adapter"]["method"] != recipe.adapter.method:
         raise PeftkitError(
-            f"{key}: {source} is a {entry.metadata['adapter']['method']} adapter and this recipe trains "
+            f"{key}: {source} is a {metadata['adapter']['method']} adapter and this recipe trains "
             f"{recipe.adapter.method}; use the same adapter.method (an AdaLoRA adapter can become LoRA with "
             "`peftkit adalora to-lora`)"
         )
-    weights = load_file(str(entry.folder / "adapter_model.safetensors"))
+    weights = snapshot.weights
     check_finite(weights.items(), f"{key}: {source}", "it cannot start another adapter; retrain it")
-    head = _head_decision(recipe.adapter.init_head, entry.metadata, task, source)
+    head = _head_decision(recipe.adapter.init_head, metadata, task, source)
     if head == "reinit":  # peft loads the head with the adapter: hand it this model's fresh head instead
         weights = {k: v for k, v in weights.items() if not any(f".{h}." in k for h in head_modules)}
         for name, p in model.named_parameters():
             if ".modules_to_save.default." in name:
                 weights[name.replace(".modules_to_save.default", "")] = p.detach().clone()
     expected = {n.replace(".default", ""): p.shape for n, p in model.named_parameters()}
-    for name, tensor in weights.items():
+    for name, tensor in sorted(weights.items()):  # the first mismatch by name, whatever the file order
         if name in expected and tuple(expected[name]) != tuple(tensor.shape):
             raise PeftkitError(
                 f"{key}: {source}'s {name} has shape {tuple(tensor.shape)}, this adapter's is "
@@ -91,7 +91,7 @@ def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: li
         raise PeftkitError(f"{key}: {source} adapts modules this model does not have ({unexpected[0]}); "
                            "it was trained on another architecture")
     return {"init_from": source, "head": "kept" if head == "keep" else "reinitialised",
-            "parent_created": entry.metadata.get("created"), "parent_files": entry.metadata.get("files", {})}
+            "parent_created": metadata.get("created"), "parent_files": metadata.get("files", {})}
 
 
 def _head_decision(choice: str, parent: dict[str, Any], task: TaskHead, source: str) -> str:
