@@ -45,7 +45,7 @@ def _columns_for(server: Server, name: str, available: list[str], overrides: dic
     served = server.adapters.get(name)
     roles = dict(served.task.roles) if served is not None else {}
     roles["text"] = tuple(dict.fromkeys([*roles.get("text", ()), *TEXT_COLUMNS]))
-    wanted = ("text", "text_pair") if served is not None and served.kind == "classification" else ("text",)
+    wanted = served.task.serve_fields if served is not None else ("text",)
     mapping = {} if served is None else dict(served.recipe.data.columns)
     mapping.update(overrides)
     found: dict[str, str] = {}

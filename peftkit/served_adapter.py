@@ -24,7 +24,6 @@ from .errors import PeftkitError
 from .recipe import Recipe
 from .snapshot import AdapterSnapshot
 from .tasks import TaskHead, make_task
-from .tasks.classification import display_labels
 
 LORA_MARK = ".lora_"
 
@@ -37,17 +36,9 @@ class ServedAdapter:
     task: TaskHead
     lora_config: Any  # peft LoraConfig keyed for the shared model
     lora_weights: dict[str, torch.Tensor]  # peft's on-disk names, keyed for the shared model
-    head: Optional[nn.Module]  # classification: a linear layer on pooled features
+    head: Optional[nn.Module]  # the head's own module (TaskHead.shared_head), or None
     pooling: Optional[str]  # "pooler" (BERT-style pooled output) or "last_token" (decoders)
     use_dora: bool
-
-    @property
-    def kind(self) -> str:
-        return self.task.name
-
-    @property
-    def labels(self) -> list[str]:
-        return display_labels(self.task.state)
 
 
 def _lora_weights(snapshot: AdapterSnapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -118,35 +109,5 @@ def prepare(snapshot: AdapterSnapshot, shared_model: nn.Module, strip_prefix: Op
         use_rslora=shape["rslora"], use_dora=shape["dora"], lora_dropout=0.0, bias="none",
         inference_mode=True, init_lora_weights=False,
     )
-    head, pooling = _head(snapshot.name, task, head_state, shared_model)
+    head, pooling = task.shared_head(snapshot.name, head_state, shared_model)
     return ServedAdapter(snapshot.name, metadata, recipe, task, config, lora, head, pooling, shape["dora"])
-
-
-def _head(name: str, task: TaskHead, state: dict[str, torch.Tensor], shared_model: nn.Module
-          ) -> tuple[Optional[nn.Module], Optional[str]]:
-    if task.name != "classification":
-        if state:
-            raise PeftkitError(f"{name}: a {task.name} adapter with trained modules {sorted(state)} cannot share "
-                               "a base; serve it alone")
-        return None, None
-    roots = sorted({k.split(".")[0] for k in state})
-    shapes = {k.split(".", 1)[1] for k in state}
-    if len(roots) != 1 or not shapes <= {"weight", "bias"} or "weight" not in shapes:
-        raise PeftkitError(
-            f"{name}: its classification head ({', '.join(sorted(state)) or 'none saved'}) is not one linear layer; "
-            "shared serving supports BERT-style pooled classifiers and decoder score heads"
-        )
-    root = roots[0]
-    weight = state[f"{root}.weight"]
-    bias = state.get(f"{root}.bias")
-    head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        if bias is not None:
-            head.bias.copy_(bias)
-    if len(task.state.get("labels", [])) != weight.shape[0]:
-        raise PeftkitError(f"{name}: its head has {weight.shape[0]} outputs but its metadata lists "
-                           f"{len(task.state.get('labels', []))} labels; the adapter folder is inconsistent")
-    # BERT-style models classify the pooled [CLS] output; decoders (score) the last non-pad token's state
-    pooling = "pooler" if getattr(shared_model, "pooler", None) is not None and root == "classifier" else "last_token"
-    return head.eval().requires_grad_(False), pooling

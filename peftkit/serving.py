@@ -11,7 +11,6 @@ the base model without adapter. Rows come out as each adapter gives them alone (
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -28,6 +27,7 @@ from .quantized import freeze_quantized_layers
 from .registry import Registry
 from .served_adapter import ServedAdapter, prepare
 from .snapshot import read_snapshot
+from .tasks.base import encode_text, score_text
 
 _PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -115,17 +115,11 @@ class Server:
         if "text" not in fields:
             raise PeftkitError(f"a row for {name} has no 'text' (it has: {', '.join(fields) or 'nothing'})")
         served = self.adapters.get(name)
-        if served is not None and served.kind == "classification":
-            rows = {"text": [fields["text"]]}
-            if fields.get("text_pair") is not None:
-                rows["text_pair"] = [fields["text_pair"]]
-            enc = served.task.encode(rows, self.tokenizer, served.recipe.data.max_length)
-            types = enc.get("token_type_ids")
-            return Encoded(list(enc["input_ids"][0]), list(types[0]) if types is not None else None)
-        max_length = served.recipe.data.max_length if served is not None else None
-        enc = self.tokenizer(str(fields["text"]), truncation=max_length is not None, max_length=max_length)
-        types = enc.get("token_type_ids")
-        return Encoded(list(enc["input_ids"]), list(types) if types is not None else None)
+        if served is not None:
+            ids, types = served.task.serve_encode(fields, self.tokenizer, served.recipe.data.max_length)
+        else:  # the base's own rows: plain text
+            ids, types = encode_text(str(fields["text"]), self.tokenizer, None)
+        return Encoded(ids, types)
 
     def _pad(self, encoded: list[Encoded], left: bool = False) -> dict[str, torch.Tensor]:
         width = max(len(e.input_ids) for e in encoded)
@@ -212,17 +206,9 @@ class Server:
         predictions = []
         for name, logits, row in zip(names, outputs, rows):
             served = self.adapters.get(name)
-            if served is not None and served.kind == "classification":
-                probs = torch.softmax(logits, -1).tolist()
-                best = int(logits.argmax())
-                predictions.append({"adapter": name, "label": served.labels[best],
-                                    "probs": {label: round(p, 6) for label, p in zip(served.labels, probs)}})
-            else:
-                ids = self._encode(row, name).input_ids
-                target = torch.tensor(ids[1:])
-                loss = float(torch.nn.functional.cross_entropy(logits[:-1], target)) if len(ids) > 1 else float("nan")
-                predictions.append({"adapter": name, "loss": round(loss, 6),
-                                    "perplexity": round(math.exp(min(loss, 50.0)), 4)})
+            ids = lambda row=row, name=name: self._encode(row, name).input_ids  # noqa: E731
+            prediction = served.task.serve_prediction(logits, ids) if served is not None else score_text(logits, ids())
+            predictions.append({"adapter": name, **prediction})
         return predictions
 
     @torch.no_grad()
@@ -236,8 +222,8 @@ class Server:
             raise PeftkitError("generate needs a causal-LM base; this server's base is an encoder")
         for name in dict.fromkeys(names):
             served = self.adapters.get(name)
-            if served is not None and served.kind != "causal_lm":
-                raise PeftkitError(f"adapter {name} is a {served.kind} adapter; generate needs causal-LM adapters "
+            if served is not None and not served.task.generates:
+                raise PeftkitError(f"adapter {name} is a {served.task.name} adapter; generate needs causal-LM adapters "
                                    f"(use `peftkit predict --adapter {name}`)")
         if seed is not None:
             torch.manual_seed(seed)

@@ -103,3 +103,16 @@ def test_the_check_sees_lazy_and_package_imports(tmp_path):
     modules["tasks"].write_text("from .base import TaskHead\nfrom ..a import f\n")
     assert _imports("a", modules["a"], modules) == {"b", "tasks"}
     assert _imports("tasks", modules["tasks"], modules) == {"tasks.base", "a"}
+
+
+def test_the_server_and_the_training_loop_name_no_task_head():
+    """A head brings its own loss, metrics and serving hooks (tasks/base.py), so a new head is one file: the
+    modules that train and serve never branch on a head's name."""
+    from peftkit.tasks import task_types
+
+    names = set(task_types())
+    assert {"classification", "causal_lm"} <= names
+    for module in ("serving", "served_adapter", "predict_io", "training", "trainer", "run_events"):
+        source = (PACKAGE / f"{module}.py").read_text()
+        named = sorted(n for n in names if f'"{n}"' in source or f"'{n}'" in source)
+        assert named == [], f"{module}.py names the task head(s) {named}"

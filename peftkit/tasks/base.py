@@ -115,3 +115,45 @@ class TaskHead(ABC):
     @abstractmethod
     def metrics(self, collected: dict[str, "torch.Tensor"]) -> dict[str, float]:
         """The task's metrics from all eval rows' tensors, concatenated."""
+
+    # ---- serving: many adapters on one shared base (peftkit.serving) --------------------------------------
+    # A head says here what a request row holds, how it is encoded, what module the shared base applies for
+    # it and what a prediction is, so the server names no head: a new head is one file in tasks/.
+
+    serve_fields: ClassVar[tuple[str, ...]] = ("text",)  # the request fields a served row may carry
+    generates: ClassVar[bool] = False  # whether `generate` serves adapters of this head
+
+    def serve_encode(self, fields: dict[str, Any], tokenizer: Any, max_length: Optional[int]
+                     ) -> tuple[list[int], Optional[list[int]]]:
+        """One request row as token ids and token type ids (None when the tokenizer has none)."""
+        return encode_text(str(fields["text"]), tokenizer, max_length)
+
+    def shared_head(self, adapter: str, state: dict[str, "torch.Tensor"], shared_model: Any
+                    ) -> tuple[Any, Optional[str]]:
+        """The module applied to this adapter's rows on the shared base, built from its saved head tensors, and
+        its pooling ("pooler", "last_token"); (None, None) for a head that predicts with the base's own output."""
+        if state:
+            raise PeftkitError(f"{adapter}: a {self.name} adapter with trained modules {sorted(state)} cannot share "
+                               "a base; serve it alone")
+        return None, None
+
+    def serve_prediction(self, logits: "torch.Tensor", input_ids: Callable[[], list[int]]) -> dict[str, Any]:
+        """One row's prediction from its output (``input_ids``: the row's ids, encoded on demand)."""
+        return score_text(logits, input_ids())
+
+
+def encode_text(text: str, tokenizer: Any, max_length: Optional[int]) -> tuple[list[int], Optional[list[int]]]:
+    enc = tokenizer(text, truncation=max_length is not None, max_length=max_length)
+    types = enc.get("token_type_ids")
+    return list(enc["input_ids"]), list(types) if types is not None else None
+
+
+def score_text(logits: "torch.Tensor", ids: list[int]) -> dict[str, Any]:
+    """A language model's mean next-token loss on a text, and its perplexity (for the base's own rows too)."""
+    import math
+
+    import torch
+
+    target = torch.tensor(ids[1:])
+    loss = float(torch.nn.functional.cross_entropy(logits[:-1], target)) if len(ids) > 1 else float("nan")
+    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50.0)), 4)}

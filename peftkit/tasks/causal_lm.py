@@ -37,6 +37,7 @@ class CausalLM(TaskHead):
     name = "causal_lm"
     Options = CausalLMOptions
     peft_task_type = "CAUSAL_LM"
+    generates = True
     roles = {
         "text": ("text", "content", "document"),
         "prompt": ("instruction", "prompt", "question"),

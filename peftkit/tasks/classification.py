@@ -86,6 +86,7 @@ class Classification(TaskHead):
     }
     required_roles = ("text", "label")
     head_module_names = ("classifier", "score")
+    serve_fields = ("text", "text_pair")
     key_metric = ("accuracy", "max")
 
     @property
@@ -170,6 +171,52 @@ class Classification(TaskHead):
         preds = collected["pred"].tolist()
         labels = collected["label"].tolist()
         return {**classification_scores(preds, labels, len(self.labels)), "loss": float(collected["loss"].mean())}
+
+    # ---- serving --------------------------------------------------------------------------------------
+
+    def serve_encode(self, fields: dict[str, Any], tokenizer: Any, max_length: Optional[int]
+                     ) -> tuple[list[int], Optional[list[int]]]:
+        rows = {"text": [fields["text"]]}
+        if fields.get("text_pair") is not None:
+            rows["text_pair"] = [fields["text_pair"]]
+        enc = self.encode(rows, tokenizer, max_length)
+        types = enc.get("token_type_ids")
+        return list(enc["input_ids"][0]), list(types[0]) if types is not None else None
+
+    def shared_head(self, adapter: str, state: dict[str, Any], shared_model: Any) -> tuple[Any, Optional[str]]:
+        """The adapter's own linear head (peft's modules_to_save would be one module shared by all adapters)."""
+        import torch
+        from torch import nn
+
+        roots = sorted({k.split(".")[0] for k in state})
+        shapes = {k.split(".", 1)[1] for k in state}
+        if len(roots) != 1 or not shapes <= {"weight", "bias"} or "weight" not in shapes:
+            raise PeftkitError(
+                f"{adapter}: its classification head ({', '.join(sorted(state)) or 'none saved'}) is not one linear "
+                "layer; shared serving supports BERT-style pooled classifiers and decoder score heads"
+            )
+        root = roots[0]
+        weight = state[f"{root}.weight"]
+        bias = state.get(f"{root}.bias")
+        head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if bias is not None:
+                head.bias.copy_(bias)
+        if len(self.state.get("labels", [])) != weight.shape[0]:
+            raise PeftkitError(f"{adapter}: its head has {weight.shape[0]} outputs but its metadata lists "
+                               f"{len(self.state.get('labels', []))} labels; the adapter folder is inconsistent")
+        # BERT-style models classify the pooled [CLS] output; decoders (score) the last non-pad token's state
+        pooled = getattr(shared_model, "pooler", None) is not None and root == "classifier"
+        return head.eval().requires_grad_(False), "pooler" if pooled else "last_token"
+
+    def serve_prediction(self, logits: Any, input_ids: Callable[[], list[int]]) -> dict[str, Any]:
+        import torch
+
+        labels = display_labels(self.state)
+        probs = torch.softmax(logits, -1).tolist()
+        return {"label": labels[int(logits.argmax())],
+                "probs": {label: round(p, 6) for label, p in zip(labels, probs)}}
 
 
 TASK = Classification
