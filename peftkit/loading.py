@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from .artifacts import check_readable, file_head, read_metadata, sha256_file
 from .errors import PeftkitError
 from .models import BaseRef, fingerprint, load_base_for_task, load_tokenizer, pick_device, resolve_base, user_trust
 from .recipe import Recipe
+from .snapshot import read_verified
 from .tasks import TaskHead, make_task
 
 
@@ -60,7 +62,12 @@ def load_trained(folder: str | Path, device: str = "auto", check_base: bool = Tr
     """
     folder = Path(folder)
     metadata = read_metadata(folder)
-    verify_files(folder, metadata)
+    # an adapter's files are read once, checked, and peft reads those bytes (a private copy): a file replaced
+    # between the check and peft's read cannot slip through. A fully fine-tuned model (the whole model's
+    # weights) is checked in place and then loaded from the folder.
+    adapter_files = read_verified(folder, metadata) if metadata["recipe"].get("adapter") is not None else None
+    if adapter_files is None:
+        verify_files(folder, metadata)
     recipe = Recipe.model_validate(metadata["recipe"])
     recipe = recipe.model_copy(update={"base": user_trust(recipe.base, folder.name, trust_remote_code, allow_pickle)})
     task = make_task(metadata["task"]["type"], metadata["task"]["options"], metadata["task"]["state"])
@@ -82,6 +89,10 @@ def load_trained(folder: str | Path, device: str = "auto", check_base: bool = Tr
             # peft matches AdaLoRA's saved rank_pattern against LoRA-style keys and warns; AdaLoRA applies it
             warnings.filterwarnings("ignore", message=r"The following rank_pattern keys did not match")
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is_gradient_checkpointing")
-            model = PeftModel.from_pretrained(model, folder, adapter_name="default")
+            with tempfile.TemporaryDirectory(prefix="peftkit-adapter-") as private:
+                for relative, blob in adapter_files.items():
+                    (Path(private) / relative).parent.mkdir(parents=True, exist_ok=True)
+                    (Path(private) / relative).write_bytes(blob)
+                model = PeftModel.from_pretrained(model, private, adapter_name="default")
     model.eval()
     return LoadedAdapter(folder, metadata, recipe, task, tokenizer, model)

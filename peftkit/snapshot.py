@@ -37,6 +37,23 @@ def _removed(registry: Registry, name: str) -> PeftkitError:
                         "register it again or leave it out")
 
 
+def read_verified(folder: Path, metadata: dict[str, Any]) -> dict[str, bytes]:
+    """Every file ``metadata`` records, read once and checked against its sha256: relative path -> bytes."""
+    try:
+        blobs = {relative: (folder / relative).read_bytes() for relative in metadata.get("files", {})}
+    except FileNotFoundError:
+        missing = [r for r in metadata.get("files", {}) if not (folder / r).is_file()]
+        if missing and folder.exists():
+            raise PeftkitError(f"{folder}: {missing[0]} is missing; restore it or retrain the adapter") from None
+        raise
+    for relative, blob in blobs.items():
+        if hashlib.sha256(blob).hexdigest() != metadata["files"][relative]:
+            raise PeftkitError(f"{folder / relative} is corrupt (its checksum differs from the one saved); "
+                               "restore it or retrain")
+        check_readable(folder / relative, blob, len(blob))
+    return blobs
+
+
 def read_snapshot(registry: Registry, name: str,
                   not_an_adapter: str = "it cannot share a base with others; use `peftkit eval NAME` for it alone"
                   ) -> AdapterSnapshot:
@@ -46,19 +63,13 @@ def read_snapshot(registry: Registry, name: str,
     folder = registry.folder(name)
     try:
         metadata = read_metadata(folder)
-        blobs = {relative: (folder / relative).read_bytes() for relative in metadata.get("files", {})}
-    except (FileNotFoundError, PeftkitError):
+        blobs = read_verified(folder, metadata)
+    except FileNotFoundError:
+        raise _removed(registry, name) from None
+    except PeftkitError:
         if not folder.exists():
             raise _removed(registry, name) from None
-        missing = [r for r in read_metadata(folder).get("files", {}) if not (folder / r).is_file()]
-        if missing:
-            raise PeftkitError(f"{folder}: {missing[0]} is missing; restore it or retrain the adapter") from None
         raise
-    for relative, blob in blobs.items():
-        if hashlib.sha256(blob).hexdigest() != metadata["files"][relative]:
-            raise PeftkitError(f"{folder / relative} is corrupt (its checksum differs from the one saved); "
-                               "restore it or retrain")
-        check_readable(folder / relative, blob, len(blob))
     if metadata.get("recipe", {}).get("adapter") is None:
         raise PeftkitError(f"{name} is a fully fine-tuned model, not an adapter; {not_an_adapter}")
     if ADAPTER_WEIGHTS not in blobs or ADAPTER_CONFIG not in blobs:

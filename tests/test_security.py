@@ -155,6 +155,33 @@ def test_a_swapped_adapter_file_with_its_checksums_redone_is_refused_unread(copy
     assert Registry(registry).names() == ["tiny"]
 
 
+def test_an_adapter_file_replaced_after_its_check_is_not_what_loads(copy, monkeypatch):
+    """load_trained checks the adapter's bytes and hands peft those bytes: a weight file swapped on disk right
+    after the check (a concurrent writer) does not reach the loaded model."""
+    from safetensors.torch import load_file, save_file
+
+    from peftkit import loading
+
+    folder = copy / "adapters" / "tiny"
+    weights_file = folder / "adapter_model.safetensors"
+    original = load_file(str(weights_file))
+    read = loading.read_verified
+
+    def swapped_after_reading(*args):
+        blobs = read(*args)
+        save_file({k: torch.zeros_like(v) for k, v in original.items()}, str(weights_file))
+        return blobs
+
+    monkeypatch.setattr(loading, "read_verified", swapped_after_reading)
+    model = load_trained(folder).model
+    params = dict(model.named_parameters())
+    lora = [k for k in original if ".lora_B." in k]
+    assert lora and any(original[k].abs().sum() > 0 for k in lora)
+    for key in lora:
+        name = key.replace(".lora_B.weight", ".lora_B.default.weight")
+        assert torch.equal(params[name].detach(), original[key]), key
+
+
 def test_text_from_the_metadata_reaches_the_card_as_data(copy):
     """Label names are free text: in the card's code they are string literals, and nothing runs the code."""
     folder, marker = copy / "adapters" / "tiny", copy / "ran"
