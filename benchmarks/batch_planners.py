@@ -1,6 +1,6 @@
 """Batch planners: the positions each computes per real token, on the benchmark tasks (issue 15, part 1).
 
-peftkit plans its own length-grouped batches (``peftkit.data.plan_batches``: windows of 64 batches, sorted by
+peftkit plans its own length-grouped batches (``peftkit.core.data.plan_batches``: windows of 64 batches, sorted by
 length, batches shuffled). transformers' ``Trainer`` has ``LengthGroupedSampler`` (mega-batches of at most 50
 batches, at least 4 of them, sorted). Whether peftkit keeps its planner when its training runs on ``Trainer`` is
 decided by this measurement: a batch computes ``rows x longest row`` positions, and the ratio to the real tokens
@@ -44,7 +44,7 @@ def trainer_batches(lengths: list[int], batch_size: int, seed: int) -> list[list
 
 
 def measure(lengths: list[int], batch_size: int, seed: int) -> dict[str, float]:
-    from peftkit.data import plan_batches
+    from peftkit.core.data import plan_batches
 
     real = sum(lengths)
     planners = {

@@ -182,7 +182,7 @@ def peftkit_recipe(prepared: Prepared, method: Method, seed: int, out: Path, epo
     peftkit's defaults (each epoch), a 17-epoch run would evaluate 17 times and save 16 checkpoints inside its
     training time, and neither changes what is learned.
     """
-    from peftkit.data import total_steps
+    from peftkit.core.data import total_steps
 
     task = prepared.task
     steps = total_steps(prepared.n_train, task.batch_size, 1, epochs, task.max_steps)
@@ -229,7 +229,7 @@ def baseline_flags(recipe: dict[str, Any], model_dir: Path, peer: str = "careful
     ValueError. The naive peer gets what the original baseline took (data, rank, learning rate, lengths, batch
     sizes, seed) and keeps its own defaults for the rest.
     """
-    from peftkit.recipe import AdaLoraSection, build_recipe
+    from peftkit.config.recipe import AdaLoraSection, build_recipe
 
     rec = build_recipe(recipe)
     t, adapter = rec.train, rec.adapter

@@ -91,12 +91,12 @@ def machine_info() -> dict[str, Any]:
     """The machine and software a result came from; the load average says how busy the shared cores were."""
     import torch
 
-    from peftkit.cpu_paths import cpu_flags, cpu_model, plain_peft_path
+    from peftkit.core.cpu_paths import cpu_flags, cpu_model, plain_peft_path
 
     info: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
-        # bitsandbytes picks its 4-bit CPU kernel from these (peftkit/cpu_paths.py): figures differ between CPUs
+        # bitsandbytes picks its 4-bit CPU kernel from these (peftkit/core/cpu_paths.py): figures differ between CPUs
         "cpu_flags": cpu_flags(),
         "cpu_4bit_inference_path": plain_peft_path(),
         "cores": os.cpu_count(),

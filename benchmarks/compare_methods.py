@@ -101,8 +101,8 @@ def _per_task(items: list[str], flag: str) -> dict[str, int]:
 def model_folder(model: str) -> Path:
     """The folder both tools load: peftkit's packaged copy (dequantized once for GGUF), or the folder given."""
     from peftkit.errors import PeftkitError
-    from peftkit.models import resolve_base
-    from peftkit.recipe import BaseModelSection
+    from peftkit.core.models import resolve_base
+    from peftkit.config.recipe import BaseModelSection
 
     try:
         return resolve_base(BaseModelSection(model=model)).path

@@ -5,7 +5,7 @@
 
 On a CPU with AVX512-BF16 a 4-bit layer can run ``dequantized`` (float32, as in training) or ``packed-bf16``
 (bitsandbytes' fused bfloat16 kernel, what plain transformers + peft runs there in no-grad eval): see
-``peftkit/cpu_paths.py``. The adapter is loaded twice in this process, once per path (``load_trained(...,
+``peftkit/core/cpu_paths.py``. The adapter is loaded twice in this process, once per path (``load_trained(...,
 packed_inference=...)``); the two are timed in turns on the same batches (one warm-up pass each, which is
 when bitsandbytes repacks), so machine load hits both alike and the ratio is measured within one run. Then the
 logits of every eval row are compared: max and mean relative difference, same label, and the task metric on
@@ -40,7 +40,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def _pass(model: Any, batches: list[dict[str, Any]]) -> tuple[Any, float]:
-    from peftkit.drift import Sample, scored_logits
+    from peftkit.core.drift import Sample, scored_logits
 
     start = time.perf_counter()
     logits = scored_logits(model, Sample("", 0, batches))
@@ -50,12 +50,12 @@ def _pass(model: Any, batches: list[dict[str, Any]]) -> tuple[Any, float]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from peftkit.cpu_paths import DEQUANTIZED, PACKED_BF16, path_ran
-    from peftkit.drift import compare, sample_inputs
+    from peftkit.core.cpu_paths import DEQUANTIZED, PACKED_BF16, path_ran
+    from peftkit.core.drift import compare, sample_inputs
     from peftkit.errors import PeftkitError
-    from peftkit.evaluation import evaluate_file
-    from peftkit.loading import load_trained
-    from peftkit.registry import Registry
+    from peftkit.core.evaluation import evaluate_file
+    from peftkit.store.loading import load_trained
+    from peftkit.store.registry import Registry
 
     if args.threads:
         torch.set_num_threads(args.threads)

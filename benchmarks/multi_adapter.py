@@ -6,12 +6,12 @@
 For each N, the same ``--rows`` SST-2 dev sentences are assigned round-robin to N adapters and classified three
 ways, batch size 32, timed after a warm-up, the median of ``--repeats`` passes:
 
-* **mixed**: one ``peftkit.serving`` server holding the N adapters on one shared base; every batch mixes rows
+* **mixed**: one ``peftkit.serve.serving`` server holding the N adapters on one shared base; every batch mixes rows
   of all N adapters (one forward through the base, peft routes each row through its own LoRA weights, then
   through its own head). N = 1 is the single-adapter reference; the target is mixed(N=8) >= 80 % of it.
 * **grouped**: the same server, each adapter's rows in batches of their own (one adapter per batch).
 * **merged**: one plain transformers model per adapter, the adapter merged in float32 into the dequantized
-  base (``peftkit.merge.merged_float_model``, the exact merge ``peftkit merge`` writes), each running its own
+  base (``peftkit.ops.merge.merged_float_model``, the exact merge ``peftkit merge`` writes), each running its own
   rows. Its throughput excludes loading; the time to swap one merged model in (``from_pretrained`` of a saved
   merged folder, page cache warm, and one row through it) is measured apart, and a throughput that pays one swap per adapter (none
   for N = 1) is given: what serving from merged models costs when only one of them is kept in memory.
@@ -62,7 +62,7 @@ STRATEGIES = ("mixed", "grouped", "merged")
 # ---- the adapters ------------------------------------------------------------------------------------------
 
 def quantization_for(bits: int) -> dict[str, Any]:
-    from peftkit.recipe import QuantizationSection
+    from peftkit.config.recipe import QuantizationSection
 
     if bits == 4:
         section = QuantizationSection(bits=4, quant_type="nf4", double_quant=True, compute_dtype="float32")
@@ -80,7 +80,7 @@ def make_variants(source: Path, root: Path, count: int, bits: int, seed: int, no
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from peftkit.artifacts import read_metadata, seal
+    from peftkit.store.artifacts import read_metadata, seal
 
     metadata = read_metadata(source)
     weights = load_file(source / WEIGHTS)
@@ -152,11 +152,11 @@ class MergedModel:
 def build_merged(registry: Any, name: str, tokenizer: Any, probe: list[str]) -> tuple[MergedModel, dict[str, Any]]:
     """The exact float32 merge ``peftkit merge`` does, kept in memory; its rounding against the unmerged
     adapter (on the dequantized base) over ``probe``."""
-    from peftkit.artifacts import read_metadata
-    from peftkit.drift import Sample
-    from peftkit.loading import LoadedAdapter
-    from peftkit.merge import merged_float_model
-    from peftkit.recipe import Recipe
+    from peftkit.store.artifacts import read_metadata
+    from peftkit.core.drift import Sample
+    from peftkit.store.loading import LoadedAdapter
+    from peftkit.ops.merge import merged_float_model
+    from peftkit.config.recipe import Recipe
     from peftkit.tasks import make_task
 
     folder = registry.folder(name)
@@ -261,7 +261,7 @@ def check_mixed(server: Any, merged: dict[str, MergedModel], texts: list[str], b
 
 def server_memory(registry: Path, names: list[str], texts: list[str]) -> dict[str, Any]:
     """Load a server with ``names``, run one batch: ``server.memory()`` and this process's resident memory."""
-    from peftkit.serving import load_server
+    from peftkit.serve.serving import load_server
 
     server = load_server(registry, names)
     server.outputs(texts, assign(len(texts), names), len(texts))
@@ -276,9 +276,9 @@ def import_serving_libraries(folder: Path) -> None:
     from transformers import MODEL_MAPPING, AutoConfig, PreTrainedTokenizerFast  # noqa: F401
     from transformers.integrations import bitsandbytes as _  # noqa: F401
 
-    from peftkit.artifacts import read_metadata
-    from peftkit.models import resolve_base
-    from peftkit.recipe import Recipe
+    from peftkit.store.artifacts import read_metadata
+    from peftkit.core.models import resolve_base
+    from peftkit.config.recipe import Recipe
 
     base = resolve_base(Recipe.model_validate(read_metadata(folder)["recipe"]).base)
     MODEL_MAPPING[type(AutoConfig.from_pretrained(base.path))]
@@ -426,10 +426,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     import torch
 
-    from peftkit.artifacts import read_metadata
+    from peftkit.store.artifacts import read_metadata
     from peftkit.errors import PeftkitError
-    from peftkit.registry import Registry
-    from peftkit.serving import load_server
+    from peftkit.store.registry import Registry
+    from peftkit.serve.serving import load_server
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

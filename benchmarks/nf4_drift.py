@@ -98,9 +98,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     import torch
     from transformers import AutoModel
 
-    from peftkit.models import load_pretrained, load_tokenizer, resolve_base
-    from peftkit.quantized import freeze_quantized_layers
-    from peftkit.recipe import BaseModelSection, QuantizationSection
+    from peftkit.core.models import load_pretrained, load_tokenizer, resolve_base
+    from peftkit.core.quantized import freeze_quantized_layers
+    from peftkit.config.recipe import BaseModelSection, QuantizationSection
 
     base = BaseModelSection(model=args.model)
     ref = resolve_base(base)

@@ -6,7 +6,7 @@ measure of what length-grouped batches save before any timing is taken:
 * ``max_length``: every row padded to ``data.max_length`` (``padding="max_length"``, run_glue.py's default);
 * ``random``: rows in random order, each batch padded to its longest row (``DataCollatorWithPadding``, the
   baseline);
-* ``peftkit``: peftkit's own batch plan (``peftkit.data.plan_batches``, length-grouped windows).
+* ``peftkit``: peftkit's own batch plan (``peftkit.core.data.plan_batches``, length-grouped windows).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def padded_tokens(lengths: list[int], batches: list[list[int]]) -> int:
 
 
 def padding_report(lengths: list[int], batch_size: int, max_length: int, seed: int = 0) -> dict[str, Any]:
-    from peftkit.data import plan_batches
+    from peftkit.core.data import plan_batches
 
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)

@@ -12,10 +12,11 @@ RNG stream) and the batch order. This script removes those two as well and compa
    every step (``Trainer.compute_loss`` wrapped), the gradient norm before the clip, each group's learning
    rate and AdamW settings at every step, the step-1 gradients before and after the clip, a digest of every
    frozen weight, the trained values and the dev metrics.
-2. ``peftkit``: ``peftkit.training.train`` on the same recipe, with ``build_model`` (as ``peftkit.transfer`` calls
-   it) wrapped so that the peer's initial values are copied into the trainable parameters right after the
-   model is built, and ``plan_batches`` (in ``peftkit.training`` and ``peftkit.trainer``) replaced by the peer's recorded
-   batches, epoch by epoch. The same things are recorded (the task's loss wrapped).
+2. ``peftkit``: ``peftkit.train.training.train`` on the same recipe, with ``build_model`` (as
+   ``peftkit.train.transfer`` calls it) wrapped so that the peer's initial values are copied into the trainable
+   parameters right after the model is built, and ``plan_batches`` (in ``peftkit.train.training`` and
+   ``peftkit.train.trainer``) replaced by the peer's recorded batches, epoch by epoch. The same
+   things are recorded (the task's loss wrapped).
 3. ``compare``: per-step loss, gradient-norm and learning-rate differences, the first step-1 difference
    (inputs, frozen weights, gradients, optimizer settings), the final weights and dev metrics;
    ``results.json`` and ``results.md`` in ``--out``.
@@ -275,15 +276,15 @@ def run_peer(args: argparse.Namespace) -> Path:
 # ---- stage 2: peftkit on the peer's init and batches ------------------------------------------------------------
 
 def run_peftkit(args: argparse.Namespace) -> Path:
-    from peftkit import training
-    from peftkit.recipe import build_recipe
+    from peftkit.config.recipe import build_recipe
+    from peftkit.train import training
 
     _, recipe_dict, _, epochs = setup(args)
     work = Path(args.work)
     peer = torch.load(work / "peer.pt", weights_only=False)
     rec = Recorder()
     seen: dict[str, Any] = {}
-    from peftkit import transfer
+    from peftkit.train import transfer
 
     build_model = transfer.build_model
 
@@ -323,7 +324,7 @@ def run_peftkit(args: argparse.Namespace) -> Path:
             raise StopRun
         return peer["batches"][epoch]
 
-    from peftkit import trainer
+    from peftkit.train import trainer
 
     transfer.build_model = build_from_peer
     training.plan_batches = peer_batches  # the steps per epoch
@@ -479,8 +480,8 @@ def markdown(result: dict[str, Any]) -> str:
         "indices of every batch (its `LengthGroupedSampler` wrapped; the collated batches checked against them), "
         "and per step the loss (`Trainer.compute_loss` wrapped), the gradient norm before the clip "
         "(`Accelerator.clip_grad_norm_` wrapped, shared by both tools) and each AdamW group's learning rate "
-        "(a global optimizer step pre-hook). Then `peftkit.training.train` ran the same recipe with "
-        "`build_model` (as `peftkit.transfer` calls it) wrapped to copy the peer's initial values into the "
+        "(a global optimizer step pre-hook). Then `peftkit.train.training.train` ran the same recipe with "
+        "`build_model` (as `peftkit.train.transfer` calls it) wrapped to copy the peer's initial values into the "
         "trainable parameters, and `plan_batches` replaced by the peer's batches, epoch by epoch; its loss was "
         "recorded by wrapping the task's loss.",
         "",

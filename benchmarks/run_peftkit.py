@@ -2,7 +2,7 @@
 
     python benchmarks/run_peftkit.py RECIPE.yaml [--set KEY=VALUE ...]
 
-Trains through ``peftkit.training.train`` exactly as ``peftkit train`` does and prints one ``BENCH_RESULT``
+Trains through ``peftkit.train.training.train`` exactly as ``peftkit train`` does and prints one ``BENCH_RESULT``
 line. Three measurements peftkit does not save, or not exactly, are taken here: the training rows seen (it
 saves examples/s rounded to 0.01), the time spent in evaluation (peftkit's ``training.seconds`` includes the
 evaluation at the end of each epoch, the baseline's ``trainer.train()`` does not, so it is timed and
@@ -40,10 +40,10 @@ def main() -> None:
 
     import torch
 
-    from peftkit import training
-    from peftkit.adalora import final_ranks
+    from peftkit.train import training
+    from peftkit.core.adalora import final_ranks
     from peftkit.errors import PeftkitError
-    from peftkit.recipe import load_recipe
+    from peftkit.config.recipe import load_recipe
 
     eval_seconds = [0.0]
     evaluate = training.Evaluator.__call__

@@ -33,7 +33,7 @@ PRECISIONS = {"fp32": None, "8bit": 8, "4bit": 4}
 
 
 def quantization(bits: Optional[int]) -> Any:
-    from peftkit.recipe import QuantizationSection
+    from peftkit.config.recipe import QuantizationSection
 
     if bits == 4:
         return QuantizationSection(bits=4, quant_type="nf4", double_quant=True, compute_dtype="float32")
@@ -44,9 +44,9 @@ def load(model: str, bits: Optional[int], device: Any, causal: bool = False) -> 
     """A base model loaded as peftkit loads it, heads kept in full precision, quantized layers frozen."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from peftkit.models import load_pretrained, resolve_base
-    from peftkit.quantized import freeze_quantized_layers
-    from peftkit.recipe import BaseModelSection
+    from peftkit.core.models import load_pretrained, resolve_base
+    from peftkit.core.quantized import freeze_quantized_layers
+    from peftkit.config.recipe import BaseModelSection
 
     spec = BaseModelSection(model=model)
     ref = resolve_base(spec)
@@ -62,8 +62,8 @@ def load(model: str, bits: Optional[int], device: Any, causal: bool = False) -> 
 def is_causal_lm(model: str) -> bool:
     from transformers import AutoConfig
 
-    from peftkit.models import resolve_base
-    from peftkit.recipe import BaseModelSection
+    from peftkit.core.models import resolve_base
+    from peftkit.config.recipe import BaseModelSection
 
     config = AutoConfig.from_pretrained(resolve_base(BaseModelSection(model=model)).path)
     return any(a.endswith("ForCausalLM") for a in config.architectures or [])
@@ -72,7 +72,7 @@ def is_causal_lm(model: str) -> bool:
 def with_lora(model: Any, bits: Optional[int], r: int = 8) -> Any:
     from peft import LoraConfig
 
-    from peftkit.adapters import inject, resolve_target_modules
+    from peftkit.core.adapters import inject, resolve_target_modules
 
     targets = resolve_target_modules(model, "all-linear", ("classifier",))
     config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, task_type="SEQ_CLS",
@@ -306,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     import torch
 
     from peftkit.errors import PeftkitError
-    from peftkit.models import pick_device
+    from peftkit.core.models import pick_device
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

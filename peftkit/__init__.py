@@ -3,9 +3,9 @@
 ``import peftkit`` is cheap: torch, transformers and peft load only when a function that needs them runs.
 """
 
-from .cpu_paths import silence_kernel_hub_notice
+from .config.recipe import Recipe, load_recipe
+from .core.cpu_paths import silence_kernel_hub_notice
 from .errors import PeftkitError, RecipeError
-from .recipe import Recipe, load_recipe
 
 silence_kernel_hub_notice()  # bitsandbytes' notice about an optional hub kernel; see cpu_paths
 
@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 
 def train(recipe: "Recipe | str", overrides: tuple[str, ...] = (), **kwargs):  # type: ignore[no-untyped-def]
-    """Train a recipe (a :class:`Recipe` or a path to its YAML); see :func:`peftkit.training.train`."""
-    from .training import train as run
+    """Train a recipe (a :class:`Recipe` or a path to its YAML); see :func:`peftkit.train.training.train`."""
+    from .train.training import train as run
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -22,12 +22,12 @@ def train(recipe: "Recipe | str", overrides: tuple[str, ...] = (), **kwargs):  #
 
 
 _LAZY = {
-    "AdaLoraCallback": ("peftkit.adalora_callback", "AdaLoraCallback"),
-    "Registry": ("peftkit.registry", "Registry"),
-    "load_trained": ("peftkit.loading", "load_trained"),
-    "load_server": ("peftkit.serving", "load_server"),
-    "to_lora": ("peftkit.convert", "to_lora"),
-    "rank_report": ("peftkit.rank_report", "report"),
+    "AdaLoraCallback": ("peftkit.train.adalora_callback", "AdaLoraCallback"),
+    "Registry": ("peftkit.store.registry", "Registry"),
+    "load_trained": ("peftkit.store.loading", "load_trained"),
+    "load_server": ("peftkit.serve.serving", "load_server"),
+    "to_lora": ("peftkit.ops.convert", "to_lora"),
+    "rank_report": ("peftkit.core.rank_report", "report"),
 }
 
 

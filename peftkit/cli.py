@@ -87,8 +87,8 @@ def main() -> None:
 @_friendly
 def validate(recipe: str, overrides: tuple[str, ...], no_data: bool) -> None:
     """Check RECIPE: every problem at once, each with its key path."""
-    from .recipe import load_recipe
-    from .validate import check_base, check_data
+    from .config.recipe import load_recipe
+    from .ops.validate import check_base, check_data
 
     loaded = load_recipe(recipe, overrides)
     if not no_data:
@@ -105,10 +105,10 @@ def validate(recipe: str, overrides: tuple[str, ...], no_data: bool) -> None:
 @_friendly
 def train(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
     """Fine-tune as RECIPE says: train, evaluate, save the adapter to the registry."""
-    from .recipe import load_recipe
+    from .config.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
-    from .training import train as run_training
+    from .train.training import train as run_training
 
     run_training(loaded, resume=resume, overwrite=overwrite, echo=click.echo)
 
@@ -154,7 +154,7 @@ def adapters_show(name: str, registry: str) -> None:
 @_friendly
 def adapters_rm(name: str, registry: str) -> None:
     """Remove NAME from the registry."""
-    from .registry import Registry
+    from .store.registry import Registry
 
     whole = Registry(registry).remove(name)
     click.echo(f"removed {name}" if whole else f"removed {name} (an incomplete folder, without its peftkit.json)")
@@ -191,9 +191,9 @@ def adalora() -> None:
 def adalora_to_lora(source: str, name: str, overwrite: bool, check: int, registry: str,
                      trust: dict[str, bool]) -> None:
     """Convert AdaLoRA adapter SOURCE into an exact plain-LoRA adapter NAME with per-module ranks."""
-    from .convert import measure_conversion, to_lora
+    from .ops.convert import measure_conversion, to_lora
+    from .store.registry import Registry
     from .views import conversion_summary
-    from .registry import Registry
 
     reg = Registry(registry)
     to_lora(reg, source, name, overwrite=overwrite, warn=lambda m: click.echo(f"Warning: {m}", err=True))
@@ -220,7 +220,7 @@ def _serve(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _server(registry: str, names: tuple[str, ...], unquantized: bool, trust: dict[str, bool]) -> Any:
-    from .serving import BASE, load_server
+    from .serve.serving import BASE, load_server
 
     adapters = [n for n in dict.fromkeys(names) if n != BASE]
     if not adapters:
@@ -248,7 +248,7 @@ def predict(texts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: boo
             input_file: str | None, columns: tuple[str, ...], output: str | None, registry: str,
             trust: dict[str, bool]) -> None:
     """Predict TEXTS (or --input rows) with every --adapter, in mixed batches on one base: JSON lines out."""
-    from .predict_io import parse_columns, read_input, route, write_lines
+    from .serve.predict_io import parse_columns, read_input, route, write_lines
 
     if bool(texts) == bool(input_file):
         raise click.UsageError("give texts on the command line or --input FILE (one of the two)")
@@ -307,10 +307,10 @@ def generate(prompts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: 
 def eval_command(name: str, data_file: str, group_by: str | None, as_json: bool, registry: str,
                  trust: dict[str, bool]) -> None:
     """Evaluate adapter NAME on a labelled file with its task's metrics."""
-    from .evaluation import evaluate_file
+    from .core.evaluation import evaluate_file
     from .finite import dumps
-    from .loading import load_trained
-    from .registry import Registry
+    from .store.loading import load_trained
+    from .store.registry import Registry
 
     loaded = load_trained(Registry(registry).folder(name), packed_inference=True, **trust)  # nothing trains after eval
     result = evaluate_file(loaded, data_file, group_by)
@@ -349,8 +349,8 @@ def merge_command(name: str, out: str, dtype: str | None, quantize: str | None, 
                   max_drift: float | None, accept_drift: bool, force: bool, registry: str,
                   trust: dict[str, bool]) -> None:
     """Merge adapter NAME into its base: a plain transformers model folder, with the drift measured."""
-    from .merge import DEFAULT_MAX_DRIFT, merge
-    from .registry import Registry
+    from .ops.merge import DEFAULT_MAX_DRIFT, merge
+    from .store.registry import Registry
 
     result = merge(Registry(registry), name, out, dtype=dtype, quantize=quantize, data_file=data_file, rows=rows,
                    max_drift=DEFAULT_MAX_DRIFT if max_drift is None else max_drift, accept_drift=accept_drift,
@@ -374,8 +374,8 @@ def merge_command(name: str, out: str, dtype: str | None, quantize: str | None, 
 def combine_command(names: tuple[str, ...], weights: str, method: str, density: float | None, svd_rank: int | None,
                     seed: int, new_name: str, overwrite: bool, registry: str, trust: dict[str, bool]) -> None:
     """Combine registered adapters NAMES into a new registered adapter."""
-    from .combine import combine
-    from .registry import Registry
+    from .ops.combine import combine
+    from .store.registry import Registry
 
     try:
         parsed = [float(w) for w in weights.split(",")]
@@ -399,8 +399,8 @@ def combine_command(names: tuple[str, ...], weights: str, method: str, density: 
 def export_command(name: str, fmt: str, out: str, check: int, force: bool, registry: str,
                    trust: dict[str, bool]) -> None:
     """Export adapter NAME for tools without peftkit (peft format: PeftModel.from_pretrained on the plain base)."""
-    from .export import export
-    from .registry import Registry
+    from .ops.export import export
+    from .store.registry import Registry
 
     result = export(Registry(registry), name, fmt, out, force=force, check_rows=check, say=click.echo, **trust)
     click.echo(f"saved {result['folder']} ({_folder_size(result['size_bytes'])})")

@@ -5,7 +5,7 @@ import re
 from .errors import PeftkitError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# the name predict/generate/serving give the base model without adapter (peftkit.serving uses this one)
+# the name predict/generate/serving give the base model without adapter (peftkit.serve.serving uses this one)
 BASE = "base"
 # names with a meaning of their own: an adapter called so could never be asked for
 RESERVED = {BASE: "it stands for the base model without adapter in predict, generate and serving"}

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from .core.rank_report import HEATMAP_FILE, report
 from .errors import PeftkitError
 from .finite import dumps
-from .loading import verify_files
-from .rank_report import HEATMAP_FILE, report
-from .registry import Registry, key_metric
+from .store.loading import verify_files
+from .store.registry import Registry, key_metric
 
 
 def _size(n_bytes: int) -> str:

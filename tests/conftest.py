@@ -18,10 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    from peftkit.cpu_paths import cpu_flags, cpu_model, plain_peft_path
+    from peftkit.core.cpu_paths import cpu_flags, cpu_model, plain_peft_path
 
     return (f"CPU: {cpu_model()}; AVX512/AMX flags: {' '.join(cpu_flags()) or 'none'}; "
-            f"bitsandbytes' 4-bit no-grad path here: {plain_peft_path()} (peftkit/cpu_paths.py)")
+            f"bitsandbytes' 4-bit no-grad path here: {plain_peft_path()} (peftkit/core/cpu_paths.py)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,6 +1,6 @@
 """The two bitsandbytes CPU paths a 4-bit layer can take, for tests that compare peftkit with plain peft.
 
-A comparison is only exact when both sides run the same path (see :mod:`peftkit.cpu_paths`): tests take
+A comparison is only exact when both sides run the same path (see :mod:`peftkit.core.cpu_paths`): tests take
 ``path`` from :data:`PATHS`, put the plain side on it with :func:`put_on_path`, ask peftkit for it with
 ``packed_inference=(path == PACKED_BF16)``, and say in their assertion message which path ran
 (:func:`path_ran`). The packed cases carry the ``packed_cpu_4bit`` marker: skipped, with the missing flag named,
@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from peftkit import cpu_paths
-from peftkit.cpu_paths import DEQUANTIZED, PACKED_BF16, path_ran  # noqa: F401 - tests take it from here
-from peftkit.quantized import freeze_quantized_layers
+from peftkit.core import cpu_paths
+from peftkit.core.cpu_paths import DEQUANTIZED, PACKED_BF16, path_ran  # noqa: F401 - tests take it from here
+from peftkit.core.quantized import freeze_quantized_layers
 
 PATHS = [DEQUANTIZED, pytest.param(PACKED_BF16, marks=pytest.mark.packed_cpu_4bit)]
 

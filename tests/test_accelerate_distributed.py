@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftkit.recipe import build_recipe
-from peftkit.training import train
+from peftkit.config.recipe import build_recipe
+from peftkit.train.training import train
 from tests import tiny
 from tests.conftest import REPO, make_recipe, write_recipe
 from tests.test_distributed import assert_same_adapter_weights, dropout_free_bert  # noqa: F401 (fixture)
@@ -29,9 +29,9 @@ DDP_CONFIG = REPO / "docs" / "accelerate" / "ddp.yaml"
 
 KILLED_WORKER = textwrap.dedent('''
     import os, signal, sys
-    from peftkit import adalora
-    from peftkit.recipe import load_recipe
-    from peftkit.training import train
+    from peftkit.core import adalora
+    from peftkit.config.recipe import load_recipe
+    from peftkit.train.training import train
 
     original = adalora.AdaLoraDriver.after_optimizer_step
 
@@ -92,8 +92,8 @@ def test_killed_two_process_run_resumes_to_the_one_process_result(tiny_dir, tmp_
 
 def test_4bit_weights_stored_in_bfloat16_compute_what_uint8_storage_computes(tiny_dir, tmp_path):
     """quant_storage only repacks the 4-bit codes into a dtype FSDP can shard: the model computes the same."""
-    from peftkit.build import build_model, plan_run
-    from peftkit.evaluation import device_batch
+    from peftkit.core.build import build_model, plan_run
+    from peftkit.core.evaluation import device_batch
 
     logits = {}
     for storage in ("uint8", "bfloat16"):
@@ -122,7 +122,7 @@ def test_fsdp_refuses_what_the_loop_cannot_shard(tiny_dir, tmp_path, monkeypatch
     from accelerate.utils import DistributedType
 
     from peftkit.errors import PeftkitError
-    from peftkit.launch import check_launch
+    from peftkit.train.launch import check_launch
 
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     lora_4bit = build_recipe({**make_recipe(tiny_dir, tmp_path, quant="4bit"), "base": {

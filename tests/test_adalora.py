@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftkit import adalora
-from peftkit.build import build_model, plan_run
+from peftkit.config.recipe import AdaLoraSection, build_recipe
+from peftkit.core import adalora
+from peftkit.core.build import build_model, plan_run
 from peftkit.errors import PeftkitError
-from peftkit.recipe import AdaLoraSection, build_recipe
-from peftkit.training import train
+from peftkit.train.training import train
 
 QUIET = {"echo": lambda line: None}
 
@@ -62,7 +62,7 @@ def test_orthogonal_regularization_matches_peft(recipe_for):
 
 
 def test_squared_regularizer_does_not_push_orthonormal_matrices_and_peft_form_does(recipe_for):
-    """The root cause of AdaLoRA at chance on short runs (peftkit.adalora.orthogonal_regularization): at the
+    """The root cause of AdaLoRA at chance on short runs (peftkit.core.adalora.orthogonal_regularization): at the
     orthonormal start, peft's unsquared norm still has a gradient of fixed length; the paper's squared one has
     none, and pulls back in proportion to the drift."""
     recipe = build_recipe(recipe_for(adapter="adalora"))

@@ -111,7 +111,7 @@ def test_the_regularizer_acts_whatever_computes_the_loss(bert: Path, tmp_path: P
     from transformers import Trainer
 
     from peftkit import AdaLoraCallback
-    from peftkit.adalora import orthogonal_regularization
+    from peftkit.core.adalora import orthogonal_regularization
 
     class OwnLoss(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore
@@ -134,7 +134,7 @@ def test_the_regularizers_gradient_is_added_once_after_the_clip(bert: Path, tmp_
     """What on_pre_optimizer_step adds is exactly weight x the gradient of the squared regularizer, and peft's
     own (unsquared, inside the loss) is off while the callback trains."""
     from peftkit import AdaLoraCallback
-    from peftkit.adalora import orthogonal_regularization
+    from peftkit.core.adalora import orthogonal_regularization
 
     callback = AdaLoraCallback(warmup=0.2, final=0.3, orthogonal_init=False, orth_reg_weight=0.3)
     trainer = _trainer(bert, tmp_path, callback)

@@ -21,9 +21,9 @@ import yaml
 from click.testing import CliRunner
 
 from peftkit.cli import main
-from peftkit.recipe import build_recipe
-from peftkit.registry import Registry
-from peftkit.training import train
+from peftkit.config.recipe import build_recipe
+from peftkit.store.registry import Registry
+from peftkit.train.training import train
 from tests import tiny
 from tests.conftest import make_recipe, write_recipe
 

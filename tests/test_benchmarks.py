@@ -160,9 +160,9 @@ def test_careful_peer_trains_with_peftkits_settings(method: str, tiny_dir: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from peftkit import trainer
-    from peftkit.build import build_model, plan_run
-    from peftkit.recipe import build_recipe
+    from peftkit.config.recipe import build_recipe
+    from peftkit.core.build import build_model, plan_run
+    from peftkit.train import trainer
 
     # a head learning rate and weight decay of their own, so that every kind of group shows
     recipe = bench_recipe(tiny_dir, varied_root, tmp_path, monkeypatch, method, head_lr=3e-3, weight_decay=0.01)
@@ -206,11 +206,11 @@ def test_careful_peer_follows_the_recipes_levers(tiny_dir: Path, varied_root: Pa
     """LoftQ on the 4-bit base and LoRA+ in the recipe: the peer starts from the same A and B, written with peft's
     replace_lora_weights_loftq, and puts every parameter at the same learning rate."""
     import torch
-
     from bench_tasks import baseline_flags
-    from peftkit import trainer
-    from peftkit.build import build_model, plan_run
-    from peftkit.recipe import build_recipe
+
+    from peftkit.config.recipe import build_recipe
+    from peftkit.core.build import build_model, plan_run
+    from peftkit.train import trainer
 
     recipe = bench_recipe(tiny_dir, varied_root, tmp_path, monkeypatch, "qlora", head_lr=3e-3)
     assert "--init" not in baseline_flags(recipe, tiny_dir / "bert")  # a default recipe's flags are unchanged
@@ -421,9 +421,9 @@ def test_gpu_checks_dry_run_names_every_step() -> None:
 def test_cpu_4bit_paths_measures_both_paths_on_one_adapter(tiny_dir: Path, tmp_path: Path) -> None:
     import cpu_4bit_paths
 
-    from peftkit.cpu_paths import DEQUANTIZED, PACKED_BF16, packed_4bit_available
-    from peftkit.recipe import build_recipe
-    from peftkit.training import train
+    from peftkit.config.recipe import build_recipe
+    from peftkit.core.cpu_paths import DEQUANTIZED, PACKED_BF16, packed_4bit_available
+    from peftkit.train.training import train
     from tests.conftest import make_recipe
 
     data = make_recipe(tiny_dir, tmp_path, quant="4bit", train={"max_steps": 2, "eval_at_start": False},

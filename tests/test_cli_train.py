@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from peftkit import training
 from peftkit.cli import main
-from peftkit.metadata import FORMAT_VERSION
-from peftkit.recipe import build_recipe
-from peftkit.training import train
+from peftkit.config.metadata import FORMAT_VERSION
+from peftkit.config.recipe import build_recipe
+from peftkit.train import training
+from peftkit.train.training import train
 from tests.conftest import write_recipe
 
 
@@ -114,7 +114,7 @@ def test_a_half_written_checkpoint_is_never_resumed_from(recipe_for, tmp_path):
     """A checkpoint is complete once its record is written, last: a run killed while saving step 4 (Trainer's
     files there, no record) resumes from step 2, and pruning keeps complete checkpoints, never counting the
     half-written one."""
-    from peftkit.checkpoint import RECORD_FILE, list_checkpoints, prune
+    from peftkit.train.checkpoint import RECORD_FILE, list_checkpoints, prune
 
     data = recipe_for(train={"max_steps": 6, "save_every": 2, "keep_checkpoints": 2, "eval_at_start": False})
     recipe = write_recipe(tmp_path / "r.yaml", data)

@@ -11,14 +11,14 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from peftkit.artifacts import seal
 from peftkit.cli import main
-from peftkit.combine import combine, methods, uses_density
+from peftkit.config.recipe import build_recipe
 from peftkit.errors import PeftkitError
-from peftkit.loading import load_trained
-from peftkit.recipe import build_recipe
-from peftkit.registry import Registry
-from peftkit.training import train
+from peftkit.ops.combine import combine, methods, uses_density
+from peftkit.store.artifacts import seal
+from peftkit.store.loading import load_trained
+from peftkit.store.registry import Registry
+from peftkit.train.training import train
 from tests.conftest import make_recipe
 from tests.test_convert import _batch, _relative
 

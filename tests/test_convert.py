@@ -9,15 +9,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from peftkit.artifacts import seal
 from peftkit.cli import main
-from peftkit.convert import to_lora
-from peftkit.cpu_paths import DEQUANTIZED, PACKED_BF16
+from peftkit.config.recipe import build_recipe
+from peftkit.core.cpu_paths import DEQUANTIZED, PACKED_BF16
 from peftkit.errors import PeftkitError
-from peftkit.loading import load_trained
-from peftkit.recipe import build_recipe
-from peftkit.registry import Registry
-from peftkit.training import train
+from peftkit.ops.convert import to_lora
+from peftkit.store.artifacts import seal
+from peftkit.store.loading import load_trained
+from peftkit.store.registry import Registry
+from peftkit.train.training import train
 from tests.conftest import make_recipe, write_recipe
 from tests.cpu_paths import PATHS, path_ran, put_on_path
 
@@ -25,7 +25,7 @@ QUIET = {"echo": lambda line: None}
 
 
 def _batch(loaded, n=16):
-    from peftkit.data import encode, load_task_data
+    from peftkit.core.data import encode, load_task_data
 
     raw = load_task_data(loaded.recipe.data, loaded.task, 0)
     rows = encode(raw.eval, loaded.task, loaded.tokenizer, loaded.recipe.data.max_length)
@@ -86,7 +86,7 @@ def test_conversion_is_exact_smaller_and_plain_peft(trained_adalora, path, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from peftkit.models import bnb_config
+    from peftkit.core.models import bnb_config
 
     base = AutoModelForSequenceClassification.from_pretrained(
         source.recipe.base.model, num_labels=2,

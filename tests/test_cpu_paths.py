@@ -1,4 +1,4 @@
-"""bitsandbytes' two CPU paths for 4-bit layers (peftkit/cpu_paths.py): which one runs, what each costs in
+"""bitsandbytes' two CPU paths for 4-bit layers (peftkit/core/cpu_paths.py): which one runs, what each costs in
 precision, and that peftkit's own output does not open with bitsandbytes' kernel-hub notice."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from peftkit import cpu_paths
-from peftkit.cpu_paths import (BF16_UNIT_ROUNDOFF, DEQUANTIZED, PACKED_BF16, describe_path, inference_path,
-                               packed_4bit_available, silence_kernel_hub_notice)
-from peftkit.quantized import freeze_quantized_layers
+from peftkit.core import cpu_paths
+from peftkit.core.cpu_paths import (BF16_UNIT_ROUNDOFF, DEQUANTIZED, PACKED_BF16, describe_path, inference_path,
+                                    packed_4bit_available, silence_kernel_hub_notice)
+from peftkit.core.quantized import freeze_quantized_layers
 from tests.cpu_paths import path_ran
 
 NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip install kernels`"

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from peftkit.data import (SHORT_RUN_STEPS, eval_batches, load_rows, load_task_data, plan_batches, short_run_notice,
-                          steps_per_epoch, total_steps)
+from peftkit.config.recipe import DataSection
+from peftkit.core.data import (SHORT_RUN_STEPS, eval_batches, load_rows, load_task_data, plan_batches, short_run_notice,
+                               steps_per_epoch, total_steps)
 from peftkit.errors import PeftkitError
-from peftkit.recipe import DataSection
 from peftkit.tasks import make_task
 from tests import tiny
 

@@ -22,9 +22,9 @@ from tests.conftest import REPO, make_recipe, write_recipe
 
 WORKER = textwrap.dedent('''
     import json, os, sys
-    from peftkit import adalora
-    from peftkit.recipe import load_recipe
-    from peftkit.training import train
+    from peftkit.core import adalora
+    from peftkit.config.recipe import load_recipe
+    from peftkit.train.training import train
 
     log, original = [], adalora.AdaLoraDriver.after_optimizer_step
 

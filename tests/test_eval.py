@@ -6,13 +6,12 @@ import json
 import math
 
 import pytest
-
 from click.testing import CliRunner
 
 from peftkit.cli import main
+from peftkit.config.recipe import build_recipe
 from peftkit.metrics import classification_scores, confusion, macro_f1, matthews
-from peftkit.recipe import build_recipe
-from peftkit.training import train
+from peftkit.train.training import train
 from tests import tiny
 
 

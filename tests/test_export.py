@@ -14,12 +14,12 @@ import torch
 from click.testing import CliRunner
 
 from peftkit.cli import main
-from peftkit.cpu_paths import PACKED_BF16, cpu_model, plain_peft_path
-from peftkit.export import export
-from peftkit.loading import load_trained
-from peftkit.recipe import build_recipe
-from peftkit.registry import Registry
-from peftkit.training import train
+from peftkit.config.recipe import build_recipe
+from peftkit.core.cpu_paths import PACKED_BF16, cpu_model, plain_peft_path
+from peftkit.ops.export import export
+from peftkit.store.loading import load_trained
+from peftkit.store.registry import Registry
+from peftkit.train.training import train
 from tests.conftest import make_recipe
 from tests.cpu_paths import PATHS, path_ran
 from tests.test_convert import _relative
@@ -98,7 +98,7 @@ def test_export_loads_in_a_fresh_process_with_the_same_predictions(adapters, nam
 
 
 def test_card_lists_hub_data_sets_by_id_and_local_files_in_the_text():
-    from peftkit.model_card import _data_sets
+    from peftkit.ops.model_card import _data_sets
 
     recipe = {"data": {"train": "stanfordnlp/sst2", "eval": "data/dev.tsv",
                        "also": [{"train": "/abs/rte/train.jsonl"}, {"train": "ag_news"}]}}

@@ -10,11 +10,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from peftkit.artifacts import read_metadata, seal
 from peftkit.cli import main
+from peftkit.config.recipe import build_recipe
 from peftkit.finite import dumps, json_safe
-from peftkit.recipe import build_recipe
-from peftkit.training import train
+from peftkit.store.artifacts import read_metadata, seal
+from peftkit.train.training import train
 from tests.conftest import make_recipe, write_recipe
 
 DIVERGED = ("training diverged; lower train.lr ({lr}), or check the data for extreme or empty rows; no adapter was "

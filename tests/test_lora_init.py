@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftkit.build import build_model, plan_run
+from peftkit.config.recipe import build_recipe
+from peftkit.core.build import build_model, plan_run
 from peftkit.errors import RecipeError
-from peftkit.recipe import build_recipe
-from peftkit.trainer import build_optimizer as _optimizer
-from peftkit.training import train
+from peftkit.train.trainer import build_optimizer as _optimizer
+from peftkit.train.training import train
 from tests.conftest import make_recipe
 
 
@@ -118,7 +118,7 @@ def test_levers_refused_in_one_line_naming_the_key(tiny_dir, tmp_path, quant, ad
 
 
 def test_loftq_needs_the_bases_safetensors(tiny_dir, tmp_path):
-    from peftkit.lora_init import loftq_weights_file
+    from peftkit.core.lora_init import loftq_weights_file
 
     assert loftq_weights_file(tiny_dir / "bert") is None
     assert loftq_weights_file(tmp_path) == (
@@ -168,7 +168,7 @@ def test_a_loftq_adapter_loads_in_plain_peft_with_the_same_logits(tiny_dir, tmp_
     base = AutoModelForSequenceClassification.from_pretrained(tiny_dir / "bert", num_labels=2,
                                                               quantization_config=quant)
     plain = PeftModel.from_pretrained(base, result.adapter_dir)
-    for module in plain.modules():  # the 4-bit path peftkit trains on (see peftkit/quantized.py)
+    for module in plain.modules():  # the 4-bit path peftkit trains on (see peftkit/core/quantized.py)
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     plan = plan_run(build_recipe(data))

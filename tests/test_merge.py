@@ -10,16 +10,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from peftkit import model_card
-from peftkit.artifacts import seal
 from peftkit.cli import main
-from peftkit.cpu_paths import DEQUANTIZED, describe_path
+from peftkit.config.recipe import build_recipe
+from peftkit.core.cpu_paths import DEQUANTIZED, describe_path
 from peftkit.errors import PeftkitError
-from peftkit.loading import load_trained
-from peftkit.merge import merge
-from peftkit.recipe import build_recipe
-from peftkit.registry import Registry
-from peftkit.training import train
+from peftkit.ops import model_card
+from peftkit.ops.merge import merge
+from peftkit.store.artifacts import seal
+from peftkit.store.loading import load_trained
+from peftkit.store.registry import Registry
+from peftkit.train.training import train
 from tests.conftest import make_recipe
 from tests.test_convert import _batch, _relative
 
@@ -77,7 +77,7 @@ def test_merged_from_4bit_equals_base_plus_adapter(trained, name, tmp_path):
 def test_merged_from_8bit_keeps_the_weights_exact(trained, tmp_path):
     result = merge(trained["lora8"], "lora8", tmp_path / "merged8", rows=32)
     # the merge itself is exact; against the 8-bit model as trained what remains is LLM.int8's rounding of
-    # the activations (module docstring of peftkit.merge), reported and within the default threshold
+    # the activations (module docstring of peftkit.ops.merge), reported and within the default threshold
     assert result.merge_rounding["max_rel_diff"] < 1e-5
     assert 0 < result.drift["max_rel_diff"] < 0.25
 

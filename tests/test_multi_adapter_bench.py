@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from peftkit.recipe import build_recipe
-from peftkit.training import train
+from peftkit.config.recipe import build_recipe
+from peftkit.train.training import train
 from tests.conftest import make_recipe
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"

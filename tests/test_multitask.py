@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peftkit.config.recipe import build_recipe
+from peftkit.core.evaluation import in_row_order
 from peftkit.errors import PeftkitError, RecipeError
-from peftkit.evaluation import in_row_order
-from peftkit.recipe import build_recipe
-from peftkit.training import train
+from peftkit.train.training import train
 from tests import tiny
 
 QUIET = {"echo": lambda line: None}

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from peftkit.artifacts import read_metadata, seal, staged_folder
 from peftkit.errors import PeftkitError
+from peftkit.store.artifacts import read_metadata, seal, staged_folder
 from tests import tiny
 
 

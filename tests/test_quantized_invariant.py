@@ -1,19 +1,19 @@
 """A 4-bit base must train the same after an evaluation pass, and evaluation must not touch its weights.
 
 bitsandbytes repacks 4-bit weights for CPU inference in eval mode on CPUs with AVX512-BF16, and casts biases
-in place to the compute dtype (see peftkit/quantized.py). This machine may lack AVX512-BF16, so the tests
+in place to the compute dtype (see peftkit/core/quantized.py). This machine may lack AVX512-BF16, so the tests
 make bitsandbytes believe it has it: the repacking kernel runs either way.
 """
 
 from __future__ import annotations
 
+import bitsandbytes.nn.modules as bnb_modules
 import pytest
 import torch
 
-import bitsandbytes.nn.modules as bnb_modules
-from peftkit.build import build_model, plan_run
-from peftkit.recipe import build_recipe
-from peftkit.training import train
+from peftkit.config.recipe import build_recipe
+from peftkit.core.build import build_model, plan_run
+from peftkit.train.training import train
 
 QUANT_BF16 = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
 

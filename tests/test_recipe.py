@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
+from peftkit.config.recipe import (AdaLoraSection, LoraSection, apply_override, build_recipe, load_recipe,
+                                   read_recipe_tree)
 from peftkit.errors import PeftkitError, RecipeError
 from peftkit.naming import check_adapter_name
-from peftkit.recipe import AdaLoraSection, LoraSection, apply_override, build_recipe, load_recipe, read_recipe_tree
 from tests.conftest import REPO, SHARED_DATA
 
 MINIMAL: dict[str, Any] = {
@@ -512,7 +513,7 @@ def test_every_recipe_validates(path: Path, monkeypatch: pytest.MonkeyPatch):
     loaded = load_recipe(path)
     assert loaded.output.name
     if SHARED_DATA.is_dir():
-        from peftkit.validate import check_data
+        from peftkit.ops.validate import check_data
 
         summary = check_data(loaded)
         assert re.match(r"data: [\d,]+ train rows, [\d,]+ eval rows", summary), summary

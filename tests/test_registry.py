@@ -9,26 +9,20 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from peftkit.artifacts import seal, staged_folder
 from peftkit.cli import main
+from peftkit.config.recipe import build_recipe
 from peftkit.errors import PeftkitError
-from peftkit.loading import load_trained
-from peftkit.recipe import build_recipe
-from peftkit.registry import Registry
-from peftkit.training import train
+from peftkit.store.artifacts import seal
+from peftkit.store.loading import load_trained
+from peftkit.store.registry import Registry
+from peftkit.train.training import train
 from tests import tiny
-
-
-def _register(root: str, name: str) -> None:
-    with staged_folder(Path(root) / name) as folder:
-        (folder / "adapter_model.safetensors").write_bytes(name.encode() * 100_000)
-        seal(folder, tiny.adapter_metadata(name))
 
 
 def test_eight_processes_register_at_once(tmp_path):
     names = [f"adapter-{i}" for i in range(8)]
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_register, args=(str(tmp_path), n)) for n in names]
+    processes = [context.Process(target=tiny.register_stand_in, args=(str(tmp_path), n)) for n in names]
     for p in processes:
         p.start()
     for p in processes:

@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import torch
 
-from peftkit.artifacts import read_metadata, seal
+from peftkit.config.metadata import FORMAT_VERSION, digest
+from peftkit.config.recipe import build_recipe
 from peftkit.errors import PeftkitError
-from peftkit.export import export
-from peftkit.loading import load_trained
-from peftkit.metadata import FORMAT_VERSION, digest
-from peftkit.recipe import build_recipe
-from peftkit.registry import Registry
-from peftkit.training import train
+from peftkit.ops.export import export
+from peftkit.store.artifacts import read_metadata, seal
+from peftkit.store.loading import load_trained
+from peftkit.store.registry import Registry
+from peftkit.train.training import train
 from tests.conftest import make_recipe, write_recipe
 from tests.test_cli_errors import error_line
 
@@ -133,7 +133,7 @@ def test_a_swapped_adapter_file_with_its_checksums_redone_is_refused_unread(copy
     (folder / replaced).write_bytes(pickle.dumps(Payload(marker)))
 
     def rechecksum(metadata: dict[str, Any]) -> None:
-        from peftkit.artifacts import sha256_file
+        from peftkit.store.artifacts import sha256_file
 
         metadata["files"][replaced] = sha256_file(folder / replaced)
 
@@ -160,7 +160,7 @@ def test_an_adapter_file_replaced_after_its_check_is_not_what_loads(copy, monkey
     after the check (a concurrent writer) does not reach the loaded model."""
     from safetensors.torch import load_file, save_file
 
-    from peftkit import loading
+    from peftkit.store import loading
 
     folder = copy / "adapters" / "tiny"
     weights_file = folder / "adapter_model.safetensors"
@@ -242,8 +242,8 @@ def test_every_field_is_checked(copy):
 def test_export_format_names_match_the_schema():
     import typing
 
-    from peftkit.export import formats
-    from peftkit.metadata import ExportMetadata
+    from peftkit.config.metadata import ExportMetadata
+    from peftkit.ops.export import formats
 
     assert typing.get_args(ExportMetadata.model_fields["format"].annotation) == tuple(formats())
 

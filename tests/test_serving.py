@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit.artifacts import seal
-from peftkit.cpu_paths import DEQUANTIZED, PACKED_BF16
+from peftkit.config.recipe import build_recipe
+from peftkit.core.cpu_paths import DEQUANTIZED, PACKED_BF16
 from peftkit.errors import PeftkitError
-from peftkit.loading import load_trained
-from peftkit.recipe import build_recipe
-from peftkit.registry import Registry
-from peftkit.serving import load_server
-from peftkit.training import train
+from peftkit.serve.serving import load_server
+from peftkit.store.artifacts import seal
+from peftkit.store.loading import load_trained
+from peftkit.store.registry import Registry
+from peftkit.train.training import train
 from tests import tiny
 from tests.conftest import make_recipe
 from tests.cpu_paths import PATHS, path_ran, put_on_path

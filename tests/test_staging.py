@@ -14,11 +14,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from peftkit import staging
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
-from peftkit.registry import Registry
-from peftkit.staging import STALE_SECONDS, staged_folder, sweep
+from peftkit.store import staging
+from peftkit.store.registry import Registry
+from peftkit.store.staging import STALE_SECONDS, staged_folder, sweep
 
 
 def _adapter(root: Path, name: str, content: str) -> Path:
@@ -145,7 +145,7 @@ def test_rm_removes_a_broken_folder(tmp_path):
 
 def test_a_name_is_held_by_one_process_and_freed_when_it_dies(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from peftkit.registry import Registry\n"
+        [sys.executable, "-c", "import sys, time; from peftkit.store.registry import Registry\n"
                                f"with Registry({str(tmp_path)!r}).reserve('a', 'output.name'):\n"
                                "    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
@@ -166,8 +166,8 @@ def test_a_name_is_held_by_one_process_and_freed_when_it_dies(tmp_path):
 
 
 def test_overwrite_replaces_the_whole_run(recipe_for, tmp_path):
-    from peftkit.recipe import build_recipe
-    from peftkit.training import train
+    from peftkit.config.recipe import build_recipe
+    from peftkit.train.training import train
 
     recipe = build_recipe(recipe_for(train={"max_steps": 2, "eval_at_start": False}))
     train(recipe, echo=lambda line: None)

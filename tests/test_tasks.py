@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from peftkit.metrics import macro_f1
 from peftkit.tasks import make_task
 from peftkit.tasks.causal_lm import IGNORE
-from peftkit.metrics import macro_f1
 from tests import tiny
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from peftkit.recipe import build_recipe
-from peftkit.training import train
+from peftkit.config.recipe import build_recipe
+from peftkit.train.training import train
 from tests.conftest import free_port, make_recipe, write_recipe
 from tests.test_distributed import _run, assert_same_adapter_weights
 from tests.tiny import FILLER
@@ -54,8 +54,8 @@ def test_accumulating_4_batches_of_2_equals_one_batch_of_8(tiny_dir: Path, tmp_p
 
 WORKER = '''
 import sys
-from peftkit.recipe import load_recipe
-from peftkit.training import train
+from peftkit.config.recipe import load_recipe
+from peftkit.train.training import train
 train(load_recipe(sys.argv[1]), echo=lambda line: None)
 '''
 

@@ -12,10 +12,10 @@ import json
 import pytest
 import torch
 
-from peftkit.loading import load_trained
-from peftkit.models import load_base_for_task, resolve_base
-from peftkit.recipe import build_recipe
-from peftkit.training import train
+from peftkit.config.recipe import build_recipe
+from peftkit.core.models import load_base_for_task, resolve_base
+from peftkit.store.loading import load_trained
+from peftkit.train.training import train
 
 QUIET = {"echo": lambda line: None}
 
@@ -36,16 +36,16 @@ def _batch(loaded, n: int = 8) -> dict[str, torch.Tensor]:
 
 
 def _encoded_rows(loaded):
-    from peftkit.data import encode, load_task_data
+    from peftkit.core.data import encode, load_task_data
 
     raw = load_task_data(loaded.recipe.data, loaded.task, loaded.recipe.train.seed)
     return encode(raw.eval, loaded.task, loaded.tokenizer, loaded.recipe.data.max_length)
 
 
 def record_initial_adapter(monkeypatch) -> dict[str, torch.Tensor]:
-    """The adapter's tensors as :func:`peftkit.training.train` builds them, before its first optimizer step."""
+    """The adapter's tensors as :func:`peftkit.train.training.train` builds them, before its first optimizer step."""
     initial: dict[str, torch.Tensor] = {}
-    from peftkit import transfer
+    from peftkit.train import transfer
 
     build = transfer.build_model  # what a run builds its model with (through transfer.prepare_run)
 
@@ -165,7 +165,7 @@ def test_same_seed_same_losses(recipe_for):
 
 def test_optimizer_is_fused_on_cpu(recipe_for):
     # torch's default AdamW steps parameter by parameter on the CPU; fused (Trainer's default too) is one kernel
-    from peftkit.trainer import build_optimizer as _optimizer
+    from peftkit.train.trainer import build_optimizer as _optimizer
 
     recipe = build_recipe(recipe_for(task="classification", quant="fp32", adapter="lora"))
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftkit.transfer import prepare_run
+from peftkit.config.recipe import build_recipe
 from peftkit.errors import PeftkitError
-from peftkit.recipe import build_recipe
-from peftkit.training import train
+from peftkit.train.training import train
+from peftkit.train.transfer import prepare_run
 from tests import tiny
 
 QUIET = {"echo": lambda line: None}

@@ -115,8 +115,8 @@ def write_text(path: Path, n_lines: int, seed: int) -> Path:
 
 def adapter_metadata(name: str) -> dict:
     """Valid metadata for a stand-in adapter folder that holds no model (for tests of the registry's files)."""
-    from peftkit.artifacts import build_metadata
-    from peftkit.recipe import build_recipe
+    from peftkit.config.recipe import build_recipe
+    from peftkit.store.artifacts import build_metadata
 
     recipe = build_recipe({"base": {"model": "stand-in"}, "task": {"type": "classification"},
                            "data": {"train": "train.tsv"}, "output": {"name": name}})
@@ -128,3 +128,13 @@ def adapter_metadata(name: str) -> dict:
                  "total_parameters": 0},
         metrics={}, key_metric=None, recipe=recipe.to_dict(), provenance={},
     )
+
+
+def register_stand_in(root: str, name: str) -> None:
+    """Write a stand-in adapter into registry ``root``, as a process of its own would. Here, not in the test
+    module, so that a spawned process imports this light module rather than one that imports torch."""
+    from peftkit.store.artifacts import seal, staged_folder
+
+    with staged_folder(Path(root) / name) as folder:
+        (folder / "adapter_model.safetensors").write_bytes(name.encode() * 100_000)
+        seal(folder, adapter_metadata(name))

@@ -116,7 +116,7 @@ class TaskHead(ABC):
     def metrics(self, collected: dict[str, "torch.Tensor"]) -> dict[str, float]:
         """The task's metrics from all eval rows' tensors, concatenated."""
 
-    # ---- serving: many adapters on one shared base (peftkit.serving) --------------------------------------
+    # ---- serving: many adapters on one shared base (peftkit.serve.serving) --------------------------------------
     # A head says here what a request row holds, how it is encoded, what module the shared base applies for
     # it and what a prediction is, so the server names no head: a new head is one file in tasks/.
 

@@ -32,8 +32,12 @@ from pathlib import Path
 sys.path.insert(1, sys.argv[4])  # the tests' helpers, from the new checkout
 from tests import tiny
 from tests.conftest import make_recipe
-from peftkit.recipe import build_recipe
-from peftkit.training import train
+try:  # the layout since the subpackages; the old checkout has its modules at the top
+    from peftkit.config.recipe import build_recipe
+    from peftkit.train.training import train
+except ImportError:
+    from peftkit.recipe import build_recipe
+    from peftkit.training import train
 root, out, dropout = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "dropout"
 cases = json.loads(sys.argv[5])
 if not (root / "bert").exists():

@@ -1,0 +1,1 @@
+"""Operations on stored adapters: conversion, combination, merging, export, model cards, validation."""

@@ -1,0 +1,111 @@
+"""Export a registered adapter for tools that know nothing of peftkit.
+
+``peft`` format: the adapter's own peft files (task head included, as ``modules_to_save``), its base named
+portably in ``adapter_config.json`` (the hub id of a packaged base), the tokenizer, and a model card whose
+loading snippet is the exact transformers + peft code to use. The export checks itself by loading the
+adapter as that snippet does (:func:`peftkit.ops.model_card.peft_load`: the snippet's calls as fixed code on the
+same values, on the local copy of the base) and comparing its logits with peftkit's own loading of the
+adapter, so the card's code is known to work and to predict what peftkit predicts. No text is executed: the
+values come from the validated metadata, never code built from it (``tests/test_export.py`` runs the card's
+own text, in a fresh process).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..config.recipe import BaseModelSection
+from ..core.models import user_trust
+from ..errors import PeftkitError
+from ..store.artifacts import build_metadata, seal, staged_folder
+from ..store.registry import Registry
+from .merge import check_output, folder_bytes, source_adapter
+
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def formats() -> dict[str, Callable[..., dict[str, Any]]]:
+    """Export formats by name; one function each."""
+    return {"peft": export_peft}
+
+
+def export_peft(folder: Path, metadata: dict[str, Any], staging: Path, out: Path,
+                base_section: BaseModelSection) -> dict[str, Any]:
+    """Write the peft-format export of the adapter in ``folder`` into ``staging``; return what the card needs and
+    how to load the export as the card says (``load_plain``)."""
+    from ..core.models import load_tokenizer, resolve_base
+    from . import model_card
+
+    for name in PEFT_FILES:
+        shutil.copyfile(folder / name, staging / name)
+    config_path = staging / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    portable = model_card.hub_base_id(metadata)
+    config["base_model_name_or_path"] = portable
+    config["inference_mode"] = True
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    base = resolve_base(base_section)
+    load_tokenizer(base, base_section).save_pretrained(staging)
+    task_type = model_card.peft_task_type(metadata)
+    return {
+        "snippet": model_card.peft_snippet(metadata, str(out), portable, task_type),
+        "load_plain": lambda: model_card.peft_load(metadata, str(staging), str(base.path), task_type),
+        "base": portable,
+    }
+
+
+def export(registry: Registry, source: str, fmt: str, out: str | Path, force: bool = False, check_rows: int = 16,
+           data_file: Optional[str] = None, say: Callable[[str], None] = lambda line: None,
+           trust_remote_code: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
+    """Export adapter ``source`` in format ``fmt`` to the folder ``out``; return a summary with the check.
+
+    ``trust_remote_code`` and ``allow_pickle`` are the caller's alone,
+    as for :func:`peftkit.store.loading.load_trained`.
+    """
+    from ..core.cpu_paths import describe_path, path_for
+    from ..core.drift import compare, describe, sample_inputs, scored_logits
+    from ..store.loading import load_trained
+    from . import model_card
+
+    known = formats()
+    if fmt not in known:
+        raise PeftkitError(f"--format: unknown format {fmt!r}; use one of: {', '.join(known)}")
+    out = Path(out)
+    folder, metadata = source_adapter(registry, source, action="export")
+    check_output(out, force, [folder, registry.root])
+    name = metadata["name"]
+    base_section = user_trust(BaseModelSection.model_validate(metadata["recipe"]["base"]), name, trust_remote_code,
+                              allow_pickle)
+    with staged_folder(out, overwrite=force) as staging:
+        written = known[fmt](folder, metadata, staging, out, base_section)
+        check = None
+        if check_rows > 0:
+            # the same bitsandbytes CPU path as plain peft takes here, so the two can agree to float rounding
+            loaded = load_trained(folder, packed_inference=True, trust_remote_code=trust_remote_code,
+                                  allow_pickle=allow_pickle)
+            path = path_for(metadata["base"]["quantization"].get("bits"), loaded.model.device.type, True)
+            sample = sample_inputs(loaded, data_file, check_rows)
+            reference = scored_logits(loaded.model, sample)
+            loaded.model = None
+            plain = written["load_plain"]()
+            check = {"reference": f"{name} loaded by peftkit", "source": sample.source, "rows": sample.rows,
+                     **compare(reference, scored_logits(plain, sample)), "cpu_4bit_path": path}
+            del plain
+            say(f"checked: the model card's code (plain transformers + peft) against peftkit: {describe(check)}"
+                + (f"; {describe_path(path)}" if path else ""))
+        summary = (f"The adapter `{name}` ({metadata['adapter']['method']}, trained by peftkit) in {fmt} format, "
+                   f"for the base `{written['base']}`"
+                   + (" loaded in 4 bits" if metadata["base"]["quantization"].get("bits") == 4 else
+                      " loaded in 8 bits" if metadata["base"]["quantization"].get("bits") == 8 else "")
+                   + ". It loads with transformers and peft alone, task head included.")
+        model_card.write(staging, model_card.render(
+            metadata, "adapter", f"{out.name}: {name}", summary, written["snippet"], "peft", check=check))
+        seal(staging, build_metadata(
+            kind="export", format=fmt, name=out.name, exported_from=name, source_files=metadata.get("files", {}),
+            source_created=metadata.get("created"), task=metadata["task"], base=metadata["base"],
+            adapter=metadata["adapter"], metrics=metadata.get("metrics", {}), key_metric=metadata.get("key_metric"),
+            recipe=metadata["recipe"], check=check))
+    return {"folder": out, "check": check, "size_bytes": folder_bytes(out)}

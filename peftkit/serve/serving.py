@@ -1,0 +1,357 @@
+"""One base model in memory serving many registered adapters: switched per call or mixed in one batch.
+
+    server = load_server(Registry("adapters"), ["sst2-qlora", "agnews-qlora"])
+    server.predict(["great film", "stocks fell"], adapter=["sst2-qlora", "agnews-qlora"])
+
+Every adapter's LoRA weights live in one peft model over the shared base (see ``served_adapter.py`` for why
+the task heads do not); a batch runs through the base once, each row through its own adapter's LoRA
+weights (peft's ``adapter_names`` routing), and then through its own head. The name ``base`` stands for
+the base model without adapter. Rows come out as each adapter gives them alone (``tests/test_serving.py``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..core.cpu_paths import path_for
+from ..core.models import (describe_quantization, load_pretrained, load_tokenizer, memory_footprint, pick_device,
+                           resolve_base, user_trust)
+from ..core.quantized import freeze_quantized_layers
+from ..errors import PeftkitError
+from ..naming import BASE
+from ..store.registry import Registry
+from ..store.snapshot import read_snapshot
+from ..tasks.base import encode_text, score_text
+from .served_adapter import ServedAdapter, prepare
+
+_PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+def peft_name(index: int) -> str:
+    # registry names may hold '.', which torch refuses in module names: peft knows each adapter by position
+    return f"served{index}"
+Rows = Sequence[Union[str, dict[str, Any]]]
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    token_type_ids: Optional[list[int]] = None
+
+
+def _is_decoder(config: Any) -> bool:
+    return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+
+
+class Server:
+    """Built by :func:`load_server`."""
+
+    def __init__(self, model: nn.Module, peft_model: Any, tokenizer: Any, adapters: dict[str, ServedAdapter],
+                 decoder: bool, base_bytes: int, description: dict[str, Any]):
+        self.model = model  # the base's model class, LoRA layers injected (a decoder's ForCausalLM, else its body)
+        self.peft_model = peft_model
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.peft_names = {name: peft_name(i) for i, name in enumerate(adapters)}
+        self.decoder = decoder
+        self.base_bytes = base_bytes
+        self.description = description
+        self.device = next(model.parameters()).device
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def memory(self) -> dict[str, Any]:
+        """Bytes of the shared base, and what each adapter adds (its LoRA weights and head)."""
+        per_adapter = {}
+        for name, served in self.adapters.items():
+            internal = f".{self.peft_names[name]}."
+            lora = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
+                       if internal in n and ".lora_" in n)
+            head = sum(p.numel() * p.element_size() for p in served.head.parameters()) if served.head else 0
+            per_adapter[name] = lora + head
+        return {"base_bytes": self.base_bytes, "adapters": per_adapter,
+                "total_bytes": self.base_bytes + sum(per_adapter.values())}
+
+    # ---- routing ---------------------------------------------------------------------------------------
+
+    def _names(self, adapter: Union[str, Sequence[str]], count: int) -> list[str]:
+        names = [adapter] * count if isinstance(adapter, str) else list(adapter)
+        if len(names) != count:
+            raise PeftkitError(f"adapter: {len(names)} names for {count} rows; give one name, or one per row")
+        for name in dict.fromkeys(names):
+            if name != BASE and name not in self.adapters:
+                import difflib
+
+                close = difflib.get_close_matches(name, [*self.adapters, BASE], n=2, cutoff=0.5)
+                hint = f"did you mean {', '.join(close)}?" if close else f"loaded: {', '.join(self.adapters)}, {BASE}"
+                raise PeftkitError(f"adapter {name!r} is not loaded in this server; {hint}")
+        return names
+
+    @contextmanager
+    def _routed(self, names: list[str]) -> Iterator[None]:
+        """Inside: each row of the next forward passes goes through its own adapter's LoRA weights."""
+        peft_names = [_PEFT_BASE if n == BASE else self.peft_names[n] for n in names]
+        with self.peft_model.base_model._enable_peft_forward_hooks(adapter_names=peft_names):
+            yield
+
+    def _groups(self, names: list[str]) -> list[list[int]]:
+        """Row groups that can share one forward pass: all rows, unless a DoRA adapter is involved (peft's
+        mixed batches do not support DoRA), then one group per adapter."""
+        if not any(self.adapters[n].use_dora for n in set(names) if n != BASE):
+            return [list(range(len(names)))]
+        return [[i for i, n in enumerate(names) if n == name] for name in dict.fromkeys(names)]
+
+    # ---- encoding --------------------------------------------------------------------------------------
+
+    def _encode(self, row: Union[str, dict[str, Any]], name: str) -> Encoded:
+        fields = {"text": row} if isinstance(row, str) else dict(row)
+        if "text" not in fields:
+            raise PeftkitError(f"a row for {name} has no 'text' (it has: {', '.join(fields) or 'nothing'})")
+        served = self.adapters.get(name)
+        if served is not None:
+            ids, types = served.task.serve_encode(fields, self.tokenizer, served.recipe.data.max_length)
+        else:  # the base's own rows: plain text
+            ids, types = encode_text(str(fields["text"]), self.tokenizer, None)
+        return Encoded(ids, types)
+
+    def _pad(self, encoded: list[Encoded], left: bool = False) -> dict[str, torch.Tensor]:
+        width = max(len(e.input_ids) for e in encoded)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        with_types = any(e.token_type_ids is not None for e in encoded)
+        types = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = len(e.input_ids)
+            span = slice(width - n, width) if left else slice(0, n)
+            ids[i, span] = torch.tensor(e.input_ids)
+            mask[i, span] = 1
+            if e.token_type_ids is not None:
+                types[i, span] = torch.tensor(e.token_type_ids)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if with_types:
+            batch["token_type_ids"] = types
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # ---- forward ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def outputs(self, rows: Rows, adapter: Union[str, Sequence[str]], batch_size: int = 32) -> list[torch.Tensor]:
+        """Each row's raw output under its adapter: class logits for a classifier, per-token logits for a
+        causal LM (and for ``base`` on a decoder), the pooled features for ``base`` on an encoder."""
+        names = self._names(adapter, len(rows))
+        encoded = [self._encode(row, name) for row, name in zip(rows, names)]
+        results: list[Optional[torch.Tensor]] = [None] * len(rows)
+        # similar lengths together: less padding, same results (padding is masked)
+        order = sorted(range(len(rows)), key=lambda i: len(encoded[i].input_ids))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            chunk_names = [names[i] for i in chunk]
+            for group in self._groups(chunk_names):
+                index = [chunk[g] for g in group]
+                for i, out in zip(index, self._forward([encoded[i] for i in index], [names[i] for i in index])):
+                    results[i] = out
+        missing = [i for i, r in enumerate(results) if r is None]
+        assert not missing, f"rows {missing} got no output"  # every row is in exactly one batch group above
+        return results  # type: ignore[return-value]
+
+    def _forward(self, encoded: list[Encoded], names: list[str]) -> list[torch.Tensor]:
+        batch = self._pad(encoded)
+        body = self.model.get_decoder() if self.decoder else self.model
+        with self._routed(names):
+            out = body(**batch)
+        hidden = out.last_hidden_state
+        lengths = batch["attention_mask"].sum(-1)
+        rows: list[torch.Tensor] = []
+        for i, name in enumerate(names):
+            served = self.adapters.get(name)
+            if served is not None and served.head is not None:
+                if served.pooling == "pooler":
+                    features = out.pooler_output[i]
+                else:
+                    features = hidden[i, self._last_token(batch["input_ids"][i])]
+                rows.append(served.head(features.to(served.head.weight.dtype)).float().cpu())
+            elif self.decoder:
+                rows.append(self.model.get_output_embeddings()(hidden[i, : int(lengths[i])]).float().cpu())
+            else:
+                pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else hidden[:, 0]
+                rows.append(pooled[i].float().cpu())
+        return rows
+
+    def _last_token(self, ids: torch.Tensor) -> int:
+        # the rule transformers' ...ForSequenceClassification uses: the rightmost token that is not padding
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            return ids.shape[-1] - 1
+        positions = torch.arange(ids.shape[-1], device=ids.device)
+        return int((positions * (ids != pad).int()).argmax(-1))
+
+    # ---- predictions -----------------------------------------------------------------------------------
+
+    def predict(self, rows: Rows, adapter: Union[str, Sequence[str]], batch_size: int = 32) -> list[dict[str, Any]]:
+        """Per row: ``label`` and ``probs`` for a classifier; ``loss`` and ``perplexity`` of the text for a
+        causal LM (its mean next-token loss)."""
+        names = self._names(adapter, len(rows))
+        if BASE in names and not self.decoder:
+            raise PeftkitError("adapter base: an encoder base has no head of its own to predict with; "
+                               "name an adapter for those rows")
+        outputs = self.outputs(rows, names, batch_size)
+        predictions = []
+        for name, logits, row in zip(names, outputs, rows):
+            served = self.adapters.get(name)
+            ids = lambda row=row, name=name: self._encode(row, name).input_ids  # noqa: E731
+            prediction = served.task.serve_prediction(logits, ids) if served is not None else score_text(logits, ids())
+            predictions.append({"adapter": name, **prediction})
+        return predictions
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], adapter: Union[str, Sequence[str]], max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+                 batch_size: int = 8) -> list[str]:
+        """Continue each prompt with its own adapter (instruction adapters get their training prompt layout).
+        ``temperature`` 0 is greedy decoding; above 0, sampling with ``top_p`` / ``top_k``."""
+        names = self._names(adapter, len(prompts))
+        if not self.decoder:
+            raise PeftkitError("generate needs a causal-LM base; this server's base is an encoder")
+        for name in dict.fromkeys(names):
+            served = self.adapters.get(name)
+            if served is not None and not served.task.generates:
+                raise PeftkitError(f"adapter {name} is a {served.task.name} adapter; generate needs causal-LM adapters "
+                                   f"(use `peftkit predict --adapter {name}`)")
+        if seed is not None:
+            torch.manual_seed(seed)
+        sampling: dict[str, Any] = {"do_sample": False}
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or None}
+        texts: list[Optional[str]] = [None] * len(prompts)
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(range(start, min(start + batch_size, len(prompts))))
+            for group in self._groups([names[i] for i in chunk]):
+                index = [chunk[g] for g in group]
+                encoded = [Encoded(self._prompt_ids(prompts[i], names[i])) for i in index]
+                batch = self._pad(encoded, left=True)  # generation appends on the right
+                with self._routed([names[i] for i in index]):
+                    out = self.model.generate(**batch, max_new_tokens=max_new_tokens,
+                                              pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                width = batch["input_ids"].shape[1]
+                for i, ids in zip(index, out):
+                    texts[i] = self.tokenizer.decode(ids[width:], skip_special_tokens=True).strip()
+        return [t or "" for t in texts]
+
+    def _prompt_ids(self, prompt: str, name: str) -> list[int]:
+        served = self.adapters.get(name)
+        if served is None:  # the base gets the prompt laid out as the loaded instruction adapters get it
+            served = next((a for a in self.adapters.values() if a.task.state.get("format") == "instruction"), None)
+        if served is not None and served.task.state.get("format") == "instruction":
+            return served.task.prompt_ids(self.tokenizer, prompt)
+        return list(self.tokenizer(prompt)["input_ids"])
+
+
+def load_server(registry: Union[Registry, str], names: Sequence[str], device: str = "auto",
+                quantized: bool = True, check_base: bool = True, packed_inference: bool = True,
+                trust_remote_code: bool = False, allow_pickle: bool = False) -> Server:
+    """Load ``names`` from ``registry`` onto one base model.
+
+    The base is loaded once, quantized as the adapters were trained (they must agree), or unquantized with
+    ``quantized=False`` (for adapters trained on a 4/8-bit base; outputs then differ slightly from training's).
+    On a CPU with AVX512-BF16, 4-bit layers run on bitsandbytes' packed bfloat16 kernel (faster; see
+    :mod:`peftkit.core.cpu_paths`); ``packed_inference=False`` keeps them on training's float32 path.
+    ``trust_remote_code`` and ``allow_pickle`` are the caller's alone, never read from the adapters' stored recipes.
+    """
+    registry = registry if isinstance(registry, Registry) else Registry(registry)
+    if not names:
+        raise PeftkitError("name at least one adapter to serve")
+    if BASE in names:
+        raise PeftkitError(f"{BASE!r} stands for the base model without adapter; it is always available")
+    if len(set(names)) != len(names):
+        raise PeftkitError(f"adapter {next(n for n in names if names.count(n) > 1)!r} is named twice")
+    snapshots = [read_snapshot(registry, name) for name in names]
+    first = snapshots[0]
+    for snap in snapshots[1:]:
+        if snap.metadata["base"]["fingerprint"] != first.metadata["base"]["fingerprint"]:
+            raise PeftkitError(
+                f"{snap.name} was trained on {snap.metadata['base']['identity']} "
+                f"({snap.metadata['base']['fingerprint'][:19]}) and {first.name} on "
+                f"{first.metadata['base']['identity']} ({first.metadata['base']['fingerprint'][:19]}): "
+                "adapters served together must share one base"
+            )
+    from ..config.recipe import Recipe
+
+    recipes = [Recipe.model_validate(s.metadata["recipe"]) for s in snapshots]
+    setups = {(r.base.dtype, r.quantization.model_dump_json()) for r in recipes}
+    if len(setups) > 1 and quantized:
+        shown = "; ".join(f"{s.name}: {describe_quantization(r.quantization, r.base.dtype)}"
+                          for s, r in zip(snapshots, recipes))
+        raise PeftkitError(f"the adapters were trained on differently loaded bases ({shown}); serve them in "
+                           "separate servers, or unquantized (--unquantized / quantized=False)")
+    trusted = [user_trust(r.base, s.name, trust_remote_code, allow_pickle) for s, r in zip(snapshots, recipes)]
+    recipe = recipes[0].model_copy(update={"base": trusted[0]})
+    quantization = recipe.quantization if quantized else recipe.quantization.model_copy(update={"bits": None})
+    base = resolve_base(recipe.base)
+    if check_base:
+        from ..store.loading import check_same_base
+
+        check_same_base(base, first.metadata, ", ".join(names))
+    tokenizer = load_tokenizer(base, recipe.base)
+    torch_device = pick_device(device)
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    decoder = _is_decoder(AutoConfig.from_pretrained(base.path, trust_remote_code=recipe.base.trust_remote_code))
+    keep = ["lm_head", "score", "classifier"]  # what the adapters' task models kept out of quantization
+    model = load_pretrained(AutoModelForCausalLM if decoder else AutoModel, base, recipe.base, quantization, keep,
+                            torch_device)
+    freeze_quantized_layers(model, packed_inference)  # a server only predicts
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    base_bytes = memory_footprint(model)
+    strip = None if decoder else model.base_model_prefix
+    served = {s.name: prepare(s, model, strip) for s in snapshots}
+    peft_model = _inject(model, served)
+    for adapter in served.values():
+        adapter.lora_weights = {}  # now in the model; the copy is not kept
+        if adapter.head is not None:
+            adapter.head.to(torch_device)
+    peft_model.eval()
+    description = {
+        "base": first.metadata["base"]["identity"],
+        "weights": describe_quantization(quantization, recipe.base.dtype),
+        "cpu_4bit_path": path_for(quantization.bits, torch_device.type, packed_inference),
+        "adapters": {s.name: {"task": s.metadata["task"]["type"], "method": s.metadata["adapter"]["method"],
+                              "trained_on": describe_quantization(r.quantization, r.base.dtype)}
+                     for s, r in zip(snapshots, recipes)},
+    }
+    return Server(model, peft_model, tokenizer, served, decoder, base_bytes, description)
+
+
+def _inject(model: nn.Module, served: dict[str, ServedAdapter]) -> Any:
+    import warnings
+
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    peft_model = None
+    for index, (name, adapter) in enumerate(served.items()):
+        internal = peft_name(index)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*already.*adapter")
+            # transformers' notice about its own renamed internals, raised inside peft: nothing to act on
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is_gradient_checkpointing")
+            if peft_model is None:
+                peft_model = get_peft_model(model, adapter.lora_config, adapter_name=internal)
+            else:
+                peft_model.add_adapter(internal, adapter.lora_config)
+        result = set_peft_model_state_dict(peft_model, adapter.lora_weights, adapter_name=internal)
+        missing = [k for k in result.missing_keys if f".{internal}." in k and ".lora_" in k]
+        if result.unexpected_keys or missing:
+            wrong = (result.unexpected_keys or missing)[0]
+            raise PeftkitError(f"{name}: its weights do not fit the base model ({wrong}); it was trained on "
+                               "another architecture")
+    for parameter in peft_model.parameters():
+        parameter.requires_grad_(False)
+    return peft_model

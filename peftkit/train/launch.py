@@ -1,0 +1,62 @@
+"""What the launcher (accelerate, torchrun) set up, checked against what peftkit's training loop can do.
+
+peftkit has no launcher of its own: the processes, their group and FSDP come from the user's accelerate or
+torchrun command. This module only reads that setup, refuses the combinations the loop cannot train
+correctly, and fits accelerate's FSDP plugin to a peft model the way transformers' Trainer does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..config.recipe import AdaLoraSection, Recipe
+from ..core.models import torch_dtype
+from ..errors import PeftkitError
+
+
+def check_launch(accelerator: Any, recipe: Recipe, say: Callable[[str], None]) -> bool:
+    """Whether the launcher asked for FSDP and got it; refuse what peftkit's loop cannot do under FSDP."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    # accelerate's single-process launcher sets ACCELERATE_USE_CPU, and MASTER_ADDR when asked for several
+    simple_launcher = "ACCELERATE_USE_CPU" in os.environ and os.environ.get("MASTER_ADDR")
+    if accelerator.num_processes == 1 and simple_launcher and "WORLD_SIZE" not in os.environ:
+        say("note: accelerate started one process of the several asked for; with fewer than 2 GPUs, "
+            "`accelerate launch` needs --multi_gpu (or --config_file docs/accelerate/ddp.yaml) to start several")
+    if accelerator.distributed_type != DistributedType.FSDP:
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            say("note: accelerate runs FSDP on GPUs only; these CPU processes train data-parallel (DDP)")
+        return False
+    plugin = accelerator.state.fsdp_plugin
+    problems = []
+    if plugin.fsdp_version != 1:
+        problems.append("fsdp_version: peftkit's loop runs FSDP 1 (it makes the optimizer after wrapping); set "
+                        "fsdp_version: 1 in the accelerate config, as docs/accelerate/fsdp-qlora.yaml does")
+    elif not plugin.use_orig_params:
+        problems.append("fsdp_use_orig_params: peftkit gives the head, biases and norms their own learning rate "
+                        "and weight decay by parameter name, which FSDP keeps only with fsdp_use_orig_params: true")
+    if isinstance(recipe.adapter, AdaLoraSection):
+        problems.append("adapter.method: adalora reallocates ranks from whole weights and gradients, which FSDP "
+                        "splits across processes; launch it with docs/accelerate/ddp.yaml, or use lora")
+    quant = recipe.quantization
+    if quant.bits == 8 or (quant.bits == 4 and quant.quant_storage == "uint8"):
+        problems.append("quantization: FSDP shards floating tensors only; use bits: 4 with quant_storage and "
+                        "base.dtype both bfloat16 (or float16 / float32)")
+    if problems:
+        raise PeftkitError("under FSDP: " + "; ".join(problems))
+    return True
+
+
+def fit_fsdp_plugin(accelerator: Any, model: torch.nn.Module, recipe: Recipe) -> None:
+    """What transformers' Trainer does for peft models under FSDP (peft's docs, "Use PEFT QLoRA and FSDP")."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin
+    # adapter layers wrapped apart from the frozen base, so no flat parameter mixes trainable and frozen ones
+    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+    if recipe.quantization.bits == 4:  # compute in the dtype the 4-bit weights are packed in
+        plugin.set_mixed_precision(torch_dtype(recipe.quantization.quant_storage), override=True)
