@@ -135,7 +135,7 @@ def test_fsdp_refuses_what_the_loop_cannot_shard(tiny_dir, tmp_path, monkeypatch
         "both bfloat16 (or float16 / float32)")
     lora_4bit.quantization.quant_storage = "bfloat16"
     assert check_launch(_fake_accelerator(DistributedType.FSDP), lora_4bit, said.append) is True
-    with pytest.raises(PeftkitError, match=r"fsdp_version: peftkit's loop runs FSDP 1"):
+    with pytest.raises(PeftkitError, match=r"fsdp_version: peftkit runs FSDP 1"):
         check_launch(_fake_accelerator(DistributedType.FSDP, fsdp_version=2), lora_4bit, said.append)
     with pytest.raises(PeftkitError, match=r"with fsdp_use_orig_params: true$"):
         check_launch(_fake_accelerator(DistributedType.FSDP, use_orig_params=False), lora_4bit, said.append)
@@ -188,3 +188,38 @@ def test_killed_two_process_run_with_dropout_resumes_to_the_uninterrupted_one(ti
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_deepspeed_refuses_what_it_cannot_train(tiny_dir, tmp_path):
+    """DeepSpeed through `accelerate launch`: AdaLoRA (its gradients live in DeepSpeed's buffers), ZeRO-Offload
+    (DeepSpeed's CPU Adam only, where peftkit brings its own AdamW groups) and 8-bit or uint8-packed 4-bit bases
+    under ZeRO-3 are refused in one line; ZeRO-3 says the weights are sharded, ZeRO-2 that they are not."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from peftkit.errors import PeftkitError
+    from peftkit.train.launch import check_launch
+
+    def launched(stage, offload="none"):
+        config = {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": offload}}}
+        plugin = SimpleNamespace(zero_stage=stage, deepspeed_config=config)
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
+                               state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    said = []
+    lora = build_recipe(make_recipe(tiny_dir, tmp_path))
+    assert check_launch(launched(2), lora, said.append) is False
+    assert check_launch(launched(3), lora, said.append) is True
+    with pytest.raises(PeftkitError) as refused:
+        check_launch(launched(2, offload="cpu"), lora, said.append)
+    assert str(refused.value).startswith("under DeepSpeed ZeRO-2: offload_optimizer: peftkit hands DeepSpeed its "
+                                         "own AdamW")
+    adalora = build_recipe(make_recipe(tiny_dir, tmp_path, adapter="adalora"))
+    with pytest.raises(PeftkitError, match=r"^under DeepSpeed ZeRO-2: adapter.method: adalora .* or use lora$"):
+        check_launch(launched(2), adalora, said.append)
+    eight_bit = build_recipe(make_recipe(tiny_dir, tmp_path, quant="8bit"))
+    assert check_launch(launched(2), eight_bit, said.append) is False
+    with pytest.raises(PeftkitError, match=r"^under DeepSpeed ZeRO-3: quantization: ZeRO-3 partitions floating"):
+        check_launch(launched(3), eight_bit, said.append)
+    assert said == []

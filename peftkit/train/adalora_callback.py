@@ -73,7 +73,8 @@ class AdaLoraCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         tuner = self._adalora_tuner(model)
-        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        # args.deepspeed_plugin: DeepSpeed started by `accelerate launch`, with no args.deepspeed
+        if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) or getattr(args, "fsdp", None):
             raise ValueError("AdaLoraCallback: DeepSpeed and FSDP shard the AdaLoRA matrices that the allocator and "
                              "the regularizer read whole; train AdaLoRA with DDP or one process")
         config = tuner.peft_config[self.adapter_name]

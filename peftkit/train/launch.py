@@ -1,8 +1,9 @@
-"""What the launcher (accelerate, torchrun) set up, checked against what peftkit's training loop can do.
+"""What the launcher (accelerate, torchrun) set up, checked against what peftkit's training can do.
 
-peftkit has no launcher of its own: the processes, their group and FSDP come from the user's accelerate or
-torchrun command. This module only reads that setup, refuses the combinations the loop cannot train
-correctly, and fits accelerate's FSDP plugin to a peft model the way transformers' Trainer does.
+peftkit has no launcher of its own: the processes, their group, FSDP and DeepSpeed come from the user's
+accelerate or torchrun command, and Trainer runs them. This module only reads that setup, refuses the
+combinations peftkit cannot train correctly, each in one line naming the key, and fits accelerate's FSDP plugin
+to a peft model the way transformers' Trainer does.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from ..errors import PeftkitError
 
 
 def check_launch(accelerator: Any, recipe: Recipe, say: Callable[[str], None]) -> bool:
-    """Whether the launcher asked for FSDP and got it; refuse what peftkit's loop cannot do under FSDP."""
+    """Whether the weights are sharded across processes (FSDP, DeepSpeed ZeRO-3), so that every process must
+    take part in every forward pass and the final state dict is gathered; refuse what peftkit cannot train."""
     import os
 
     from accelerate.utils import DistributedType
@@ -27,6 +29,8 @@ def check_launch(accelerator: Any, recipe: Recipe, say: Callable[[str], None]) -
     if accelerator.num_processes == 1 and simple_launcher and "WORLD_SIZE" not in os.environ:
         say("note: accelerate started one process of the several asked for; with fewer than 2 GPUs, "
             "`accelerate launch` needs --multi_gpu (or --config_file docs/accelerate/ddp.yaml) to start several")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return check_deepspeed(accelerator.state.deepspeed_plugin, recipe)
     if accelerator.distributed_type != DistributedType.FSDP:
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
             say("note: accelerate runs FSDP on GPUs only; these CPU processes train data-parallel (DDP)")
@@ -34,7 +38,7 @@ def check_launch(accelerator: Any, recipe: Recipe, say: Callable[[str], None]) -
     plugin = accelerator.state.fsdp_plugin
     problems = []
     if plugin.fsdp_version != 1:
-        problems.append("fsdp_version: peftkit's loop runs FSDP 1 (it makes the optimizer after wrapping); set "
+        problems.append("fsdp_version: peftkit runs FSDP 1, the version its configuration was written for; set "
                         "fsdp_version: 1 in the accelerate config, as docs/accelerate/fsdp-qlora.yaml does")
     elif not plugin.use_orig_params:
         problems.append("fsdp_use_orig_params: peftkit gives the head, biases and norms their own learning rate "
@@ -49,6 +53,28 @@ def check_launch(accelerator: Any, recipe: Recipe, say: Callable[[str], None]) -
     if problems:
         raise PeftkitError("under FSDP: " + "; ".join(problems))
     return True
+
+
+def check_deepspeed(plugin: Any, recipe: Recipe) -> bool:
+    """Refuse what DeepSpeed cannot train with peftkit; True under ZeRO-3 (the parameters partitioned)."""
+    stage = int(plugin.zero_stage or 0)
+    zero = (plugin.deepspeed_config or {}).get("zero_optimization", {})
+    problems = []
+    if isinstance(recipe.adapter, AdaLoraSection):
+        # under every ZeRO stage DeepSpeed keeps the gradients in its own buffers, not in each parameter's .grad
+        problems.append("adapter.method: adalora reallocates ranks from each parameter's gradient, which DeepSpeed "
+                        "keeps in its own buffers; launch it with docs/accelerate/ddp.yaml, or use lora")
+    if (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None):
+        problems.append("offload_optimizer: peftkit hands DeepSpeed its own AdamW (a learning rate per group: head, "
+                        "AdaLoRA, LoRA+), and ZeRO-Offload runs only DeepSpeed's CPU Adam; remove offload_optimizer "
+                        "from the DeepSpeed config")
+    quant = recipe.quantization
+    if stage == 3 and (quant.bits == 8 or (quant.bits == 4 and quant.quant_storage == "uint8")):
+        problems.append("quantization: ZeRO-3 partitions floating tensors only; use bits: 4 with quant_storage and "
+                        "base.dtype both bfloat16 (or float16 / float32), or ZeRO-2")
+    if problems:
+        raise PeftkitError(f"under DeepSpeed ZeRO-{stage}: " + "; ".join(problems))
+    return stage == 3
 
 
 def fit_fsdp_plugin(accelerator: Any, model: torch.nn.Module, recipe: Recipe) -> None:

@@ -109,7 +109,7 @@ class Evaluator:
     """
 
     def __init__(self, plan: Plan, batch_size: int, device: torch.device, rank: int, world: int, sharded: bool):
-        # sharded: FSDP, known once Trainer's accelerator exists
+        # sharded: FSDP or DeepSpeed ZeRO-3 (check_launch), known once Trainer's accelerator exists
         self.plan, self.device = plan, device
         self.rank, self.world = (0, 1) if sharded else (rank, world)
         self.batch_size = batch_size
@@ -210,7 +210,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
     trainer.add_callback(run_record)
     sharded = check_launch(trainer.accelerator, recipe, say)
     trainer.evaluator = Evaluator(plan, t.eval_batch_size or t.batch_size, device, rank, world, sharded)
-    if sharded:
+    if trainer.is_fsdp_enabled:
         fit_fsdp_plugin(trainer.accelerator, model, recipe)
     if resume_from is not None:
         say(f"resumed from {resume_from} at step {record.get('step')}")
