@@ -117,8 +117,11 @@ def check_readable(folder: Path) -> None:
             elif path.suffix == ".json":
                 json.loads(path.read_text())
             elif path.suffix in (".pt", ".pth", ".bin"):
-                with safe_globals():  # numpy's generator state, as Trainer's own _load_rng_state allows
-                    torch.load(path, map_location="cpu", weights_only=True)
+                # numpy's generator state allowed, as Trainer's own _load_rng_state does; mmap: the pickle is
+                # checked without reading the tensors (a full fine-tune's optimizer state is GBs, loaded again
+                # by Trainer right after)
+                with safe_globals():
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
             raise _unreadable(folder, path.name, exc) from None
 
