@@ -82,7 +82,7 @@ def make_variants(source: Path, root: Path, count: int, bits: int, seed: int, no
 
     from peftkit.store.artifacts import read_metadata, seal
 
-    metadata = read_metadata(source)
+    metadata = read_metadata(source).to_json()  # copied into each variant's own peftkit.json
     weights = load_file(source / WEIGHTS)
     with safe_open(source / WEIGHTS, "pt") as handle:
         file_metadata = handle.metadata()
@@ -156,13 +156,11 @@ def build_merged(registry: Any, name: str, tokenizer: Any, probe: list[str]) -> 
     from peftkit.core.drift import Sample
     from peftkit.store.loading import LoadedAdapter
     from peftkit.ops.merge import merged_float_model
-    from peftkit.config.recipe import Recipe
-    from peftkit.tasks import make_task
 
     folder = registry.folder(name)
     metadata = read_metadata(folder)
-    recipe = Recipe.model_validate(metadata["recipe"])
-    task = make_task(metadata["task"]["type"], metadata["task"]["options"], metadata["task"]["state"])
+    recipe = metadata.recipe
+    task = metadata.task.head()
     loaded = LoadedAdapter(folder, metadata, recipe, task, tokenizer, None)
     batch = dict(tokenizer(probe, truncation=True, max_length=recipe.data.max_length, padding=True,
                            return_tensors="pt"))
@@ -278,9 +276,8 @@ def import_serving_libraries(folder: Path) -> None:
 
     from peftkit.store.artifacts import read_metadata
     from peftkit.core.models import resolve_base
-    from peftkit.config.recipe import Recipe
 
-    base = resolve_base(Recipe.model_validate(read_metadata(folder)["recipe"]).base)
+    base = resolve_base(read_metadata(folder).recipe.base)
     MODEL_MAPPING[type(AutoConfig.from_pretrained(base.path))]
 
 
@@ -446,7 +443,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         work = Path(tmp)
         try:
             source = Registry(args.registry).folder(args.adapter)
-            source_metadata = read_metadata(source)
+            source_metadata = read_metadata(source).to_json()
             variants = make_variants(source, work / "adapters", max(args.adapters), args.bits, args.seed, args.noise)
             registry = Registry(work / "adapters")
             names = [v["name"] for v in variants]

@@ -64,7 +64,7 @@ def main() -> None:
     except PeftkitError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         raise SystemExit(2)
-    meta = result.metadata
+    meta = result.metadata.to_json()  # the figures as peftkit.json holds them
     run = meta["training"]
     adapter = meta["adapter"]
     train_seconds = run["seconds"] - eval_seconds[0]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+from .config.metadata import AdapterInfo
+from .config.recipe import Recipe
 from .core.rank_report import HEATMAP_FILE, report
 from .errors import PeftkitError
 from .finite import dumps
@@ -20,15 +22,13 @@ def _size(n_bytes: int) -> str:
     return str(n_bytes)
 
 
-def _rank(adapter: dict[str, Any], recipe: dict[str, Any]) -> str:
-    if adapter.get("method") == "adalora":
-        info = adapter["adalora"]
-        return f"{info['init_r']}->{info['target_r']}"
-    if adapter.get("rank_pattern"):
-        ranks = adapter["rank_pattern"].values()
+def _rank(adapter: AdapterInfo, recipe: Recipe) -> str:
+    if adapter.adalora is not None:
+        return f"{adapter.adalora.init_r}->{adapter.adalora.target_r}"
+    if adapter.rank_pattern:
+        ranks = adapter.rank_pattern.values()
         return f"{min(ranks)}-{max(ranks)}"
-    section = recipe.get("adapter") or {}
-    return str(section.get("r", "-"))
+    return str(getattr(recipe.adapter, "r", "-"))
 
 
 def listing(root: str | Path) -> str:
@@ -42,14 +42,13 @@ def listing(root: str | Path) -> str:
         metric = key_metric(m)
         rows.append((
             e.name,
-            m["task"]["type"],
-            f"{m['base']['identity']}" + (f" ({m['base']['quantization']['bits']}-bit)"
-                                          if m["base"]["quantization"].get("bits") else ""),
-            m["adapter"]["method"],
-            _rank(m["adapter"], m.get("recipe", {})),
+            m.task.type,
+            m.base.identity + (f" ({m.base.quantization.bits}-bit)" if m.base.quantization.bits else ""),
+            m.adapter.method,
+            _rank(m.adapter, m.recipe),
             _size(e.size_bytes),
             f"{metric[0]} {metric[1]:.4f}" if metric else "-",
-            m.get("created", "-")[:16].replace("T", " "),
+            m.created[:16].replace("T", " "),
         ))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
@@ -62,18 +61,18 @@ def describe(root: str | Path, name: str) -> tuple[str, Optional[str]]:
     problem = None
     try:
         verify_files(entry.folder, m)
-        integrity = f"ok ({len(m.get('files', {}))} files match their checksums)"
+        integrity = f"ok ({len(m.files)} files match their checksums)"
     except PeftkitError as exc:
         problem = str(exc)
         integrity = f"FAILED: {exc}"
-    shown = {k: v for k, v in m.items() if k not in ("recipe", "files", "history")}
+    shown = {k: v for k, v in m.to_json().items() if k not in ("recipe", "files", "history")}
     lines = [f"{name}  ({entry.folder}, {_size(entry.size_bytes)})", f"files: {integrity}"]
     lines.append(dumps(shown, indent=2))
-    if m.get("history"):
+    if getattr(m, "history", None):
         lines.append("eval history: " + "; ".join(
             f"step {h['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in h.items() if k != "step")
-            for h in m["history"]))
-    if m["adapter"].get("method") == "adalora":
+            for h in m.history))
+    if m.adapter.adalora is not None:
         lines.append(report(m))
         if (entry.folder / HEATMAP_FILE).is_file():
             lines.append(f"heatmap: {entry.folder / HEATMAP_FILE}")
@@ -84,8 +83,8 @@ def conversion_summary(registry: Registry, source: str, name: str) -> str:
     src, dst = registry.get(source), registry.get(name)
     src_bytes = (src.folder / "adapter_model.safetensors").stat().st_size
     dst_bytes = (dst.folder / "adapter_model.safetensors").stat().st_size
-    ranks = dst.metadata["adapter"]["rank_pattern"]
-    dropped = dst.metadata["provenance"]["dropped_modules"]
+    ranks = dst.metadata.adapter.rank_pattern or {}
+    dropped = dst.metadata.provenance["dropped_modules"]
     return (f"registered {name}: plain LoRA, {len(ranks)} modules, ranks {min(ranks.values())}-"
             f"{max(ranks.values())} ({sum(ranks.values())} in all)"
             + (f", {len(dropped)} modules pruned to rank 0 left out" if dropped else "")

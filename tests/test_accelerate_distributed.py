@@ -85,8 +85,8 @@ def test_killed_two_process_run_resumes_to_the_one_process_result(tiny_dir, tmp_
     meta = json.loads((two / "adapters" / "tiny" / "peftkit.json").read_text())
     assert meta["training"]["num_processes"] == 2 and meta["training"]["optimizer_steps"] == 8
     info = meta["adapter"]["adalora"]
-    assert info["final_budget"] == info["target_budget"] == reference.metadata["adapter"]["adalora"]["final_budget"]
-    assert info["final_ranks"] == reference.metadata["adapter"]["adalora"]["final_ranks"]
+    assert info["final_budget"] == info["target_budget"] == reference.metadata.adapter.adalora.final_budget
+    assert info["final_ranks"] == reference.metadata.adapter.adalora.final_ranks
     assert info["reallocations"] == 8 and [s for s, _ in info["budget_history"]] == list(range(1, 9))
 
 

@@ -28,16 +28,16 @@ def test_reallocates_once_per_optimizer_step_and_meets_the_budget(recipe_for, gr
                                                                "epochs": 2, "eval_at_start": False}))
     result = train(recipe, **QUIET)
 
-    steps = result.metadata["training"]["optimizer_steps"]
+    steps = result.metadata.training.optimizer_steps
     assert steps == -(-(256 // 8) // grad_accum) * 2  # 256 rows, batches of 8, two epochs
     assert calls == list(range(1, steps + 1))
-    info = result.metadata["adapter"]["adalora"]
-    assert info["reallocations"] == steps
-    n_modules = len(info["final_ranks"])
-    assert info["target_budget"] == n_modules * 3
-    assert info["final_budget"] == info["target_budget"] == sum(adalora.final_ranks(result.model).values())
-    assert info["budget_history"][0][1] == n_modules * 6  # nothing pruned in the warm-up
-    assert max(info["final_ranks"].values()) <= 6
+    info = result.metadata.adapter.adalora
+    assert info.reallocations == steps
+    n_modules = len(info.final_ranks)
+    assert info.target_budget == n_modules * 3
+    assert info.final_budget == info.target_budget == sum(adalora.final_ranks(result.model).values())
+    assert info.budget_history[0][1] == n_modules * 6  # nothing pruned in the warm-up
+    assert max(info.final_ranks.values()) <= 6
 
 
 def test_orthogonal_regularization_matches_peft(recipe_for):
@@ -114,13 +114,13 @@ def test_schedule_that_leaves_no_pruning_step_is_refused():
 def test_rank_pattern_from_starts_lora_with_adalora_ranks(recipe_for):
     source = train(build_recipe(recipe_for(adapter="adalora", train={"eval_at_start": False, "max_steps": 10},
                                            output={"name": "ranks"})), **QUIET)
-    ranks = {m: r for m, r in source.metadata["adapter"]["adalora"]["final_ranks"].items() if r > 0}
+    ranks = {m: r for m, r in source.metadata.adapter.adalora.final_ranks.items() if r > 0}
     data = recipe_for(adapter="lora", train={"eval_at_start": False, "max_steps": 2}, output={"name": "reuse"})
     data["adapter"]["rank_pattern_from"] = "ranks"
     result = train(build_recipe(data), **QUIET)
 
-    assert result.metadata["adapter"]["rank_pattern"] == ranks
-    assert result.metadata["provenance"] == {"rank_pattern_from": "ranks"}
+    assert result.metadata.adapter.rank_pattern == ranks
+    assert result.metadata.provenance == {"rank_pattern_from": "ranks"}
     shapes = {n: p.shape for n, p in result.model.named_parameters() if "lora_A" in n}
     for module, rank in ranks.items():
         assert shapes[f"base_model.model.{module}.lora_A.default.weight"][0] == rank
@@ -163,8 +163,8 @@ def test_weights_leave_their_init_within_the_warm_up(recipe_for, quant, monkeypa
     recipe = build_recipe(data)
     result = train(recipe, **QUIET)
 
-    tinit = result.metadata["adapter"]["adalora"]["schedule"]["tinit"]
-    n_modules = len(result.metadata["adapter"]["adalora"]["final_ranks"])
+    tinit = result.metadata.adapter.adalora.schedule["tinit"]
+    n_modules = len(result.metadata.adapter.adalora.final_ranks)
     assert tinit == 6 and budgets == [n_modules * recipe.adapter.init_r]  # nothing pruned yet
     scale = recipe.train.lr * recipe.adapter.lr_scale * tinit  # about the most Adam can move a parameter
     for kind, floor in (("E", 0.05), ("A", 0.02), ("B", 0.02)):

@@ -85,11 +85,11 @@ def test_resume_continues_a_killed_run_exactly(recipe_for, monkeypatch):
     for name, p in resumed.model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, expected[name]), name
-    a, b = uninterrupted.metadata["adapter"]["adalora"], resumed.metadata["adapter"]["adalora"]
-    assert a["final_ranks"] == b["final_ranks"] and b["reallocations"] == 12
-    assert b["budget_history"] == a["budget_history"]
+    a, b = uninterrupted.metadata.adapter.adalora, resumed.metadata.adapter.adalora
+    assert a.final_ranks == b.final_ranks and b.reallocations == 12
+    assert b.budget_history == a.budget_history
     # the examples trained before the restart count in the throughput too
-    assert resumed.metadata["training"]["examples"] == uninterrupted.metadata["training"]["examples"] == 12 * 16
+    assert resumed.metadata.training.examples == uninterrupted.metadata.training.examples == 12 * 16
 
 
 def test_resume_with_a_changed_recipe_is_refused(recipe_for, tmp_path):

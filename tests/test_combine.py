@@ -59,8 +59,8 @@ def test_every_peft_method_runs(registry):
         got = _logits(registry, name, batch)
         assert torch.isfinite(got).all() and got.shape == reference.shape, method
         meta = registry.get(name).metadata
-        assert meta["provenance"]["method"] == method and meta["provenance"]["combined_from"] == ["a", "b"]
-        assert meta["provenance"]["weights"] == [0.7, 0.3]
+        assert meta.provenance["method"] == method and meta.provenance["combined_from"] == ["a", "b"]
+        assert meta.provenance["weights"] == [0.7, 0.3]
 
 
 def test_heads_are_averaged_and_adalora_is_converted(registry):
@@ -68,9 +68,9 @@ def test_heads_are_averaged_and_adalora_is_converted(registry):
     heads = [load_file(str(registry.folder(n) / "adapter_model.safetensors")) for n in ("a", "ada", "a-ada")]
     key = "base_model.model.classifier.weight"
     assert torch.allclose(heads[2][key], 0.75 * heads[0][key] + 0.25 * heads[1][key], atol=1e-7)
-    provenance = registry.get("a-ada").metadata["provenance"]
+    provenance = registry.get("a-ada").metadata.provenance
     assert provenance["converted_from_adalora"] == ["ada"]
-    assert provenance["parents"]["ada"]["files"] == registry.get("ada").metadata["files"]
+    assert provenance["parents"]["ada"]["files"] == registry.get("ada").metadata.files
     config = json.loads((registry.folder("a-ada") / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["modules_to_save"] and config["task_type"] == "SEQ_CLS"
 

@@ -75,12 +75,12 @@ def test_conversion_is_exact_smaller_and_plain_peft(trained_adalora, path, tmp_p
         (registry.folder("ada") / "adapter_model.safetensors").stat().st_size
 
     config = json.loads((folder / "adapter_config.json").read_text())
-    ranks = result.metadata["adapter"]["adalora"]["final_ranks"]
+    ranks = result.metadata.adapter.adalora.final_ranks
     assert config["peft_type"] == "LORA"
     assert config["rank_pattern"] == {m: r for m, r in ranks.items() if r > 0}
     meta = registry.get("ada-lora").metadata
-    assert meta["provenance"]["converted_from"] == "ada" and meta["adapter"]["method"] == "lora"
-    assert meta["provenance"]["dropped_modules"] == sorted(m for m, r in ranks.items() if r == 0)
+    assert meta.provenance["converted_from"] == "ada" and meta.adapter.method == "lora"
+    assert meta.provenance["dropped_modules"] == sorted(m for m, r in ranks.items() if r == 0)
 
     # plain peft, no peftkit in the loading path
     from peft import PeftModel
@@ -97,13 +97,13 @@ def test_conversion_is_exact_smaller_and_plain_peft(trained_adalora, path, tmp_p
     # the same bitsandbytes path on both sides (or no 4-bit layer at all): only float reordering may differ
     ran = path_ran(plain), path_ran(source.model)
     assert difference < 1e-5, f"plain peft ({ran[0]} path) against peftkit ({ran[1]} path): {difference:.2e}"
-    assert ran[0] == ran[1] == (path if result.metadata["base"]["quantization"]["bits"] == 4 else DEQUANTIZED)
+    assert ran[0] == ran[1] == (path if result.metadata.base.quantization.bits == 4 else DEQUANTIZED)
 
 
 def test_converted_adapter_joins_a_mixed_batch(trained_adalora, recipe_for):
     registry, result = trained_adalora
     to_lora(registry, "ada", "ada-lora")
-    quant = "4bit" if result.metadata["base"]["quantization"]["bits"] else "fp32"
+    quant = "4bit" if result.metadata.base.quantization.bits else "fp32"
     data = recipe_for(quant=quant, adapter="lora", train={"eval_at_start": False, "max_steps": 4},
                       output={"name": "other", "registry": str(registry.root)})
     train(build_recipe(data), **QUIET)

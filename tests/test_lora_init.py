@@ -161,7 +161,7 @@ def test_a_loftq_adapter_loads_in_plain_peft_with_the_same_logits(tiny_dir, tmp_
     data = _recipe(tiny_dir, tmp_path, init="loftq")
     data["train"].update(max_steps=2, eval_at_start=False)
     result = train(build_recipe(data), echo=lambda line: None)
-    assert result.metadata["recipe"]["adapter"]["init"] == "loftq"  # the stored recipe records the lever
+    assert result.metadata.recipe.adapter.init == "loftq"  # the stored recipe records the lever
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])

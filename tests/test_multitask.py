@@ -29,11 +29,11 @@ def test_two_data_sets_one_adapter(recipe_for, second_set):
     result = train(build_recipe(data), **QUIET)
     metrics = result.metrics
     assert {"tiny/accuracy", "reviews/accuracy", "accuracy"} <= set(metrics)
-    assert result.metadata["training"]["train_rows"] == 256 + 50
+    assert result.metadata.training.train_rows == 256 + 50
     n_tiny, n_reviews = 64, 24
     pooled = (metrics["tiny/accuracy"] * n_tiny + metrics["reviews/accuracy"] * n_reviews) / (n_tiny + n_reviews)
     assert metrics["accuracy"] == pytest.approx(pooled)
-    assert result.metadata["task"]["state"]["labels"] == ["0", "1", "neg", "pos"]
+    assert result.metadata.task.state.labels == ["0", "1", "neg", "pos"]
 
 
 def test_pooled_data_sets_must_agree(recipe_for, second_set, tmp_path):

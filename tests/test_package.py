@@ -47,7 +47,7 @@ def test_overwrite_keeps_the_old_adapter_until_the_new_one_is_complete(tmp_path)
         (folder / "weights").write_text("new")
         seal(folder, tiny.adapter_metadata("a"))
     assert (target / "weights").read_text() == "new"
-    assert read_metadata(target)["files"] == {"weights": __import__("hashlib").sha256(b"new").hexdigest()}
+    assert read_metadata(target).files == {"weights": __import__("hashlib").sha256(b"new").hexdigest()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 

@@ -94,7 +94,7 @@ def test_run_with_evaluations_trains_like_one_without(recipe_for, avx512bf16_cpu
         ))
         results.append(train(recipe, echo=lambda line: None))
     evaluated, plain = ({n: p.detach() for n, p in r.model.named_parameters() if p.requires_grad} for r in results)
-    assert len(results[0].metadata["history"]) == 5 and len(results[1].metadata["history"]) == 1
+    assert len(results[0].metadata.history) == 5 and len(results[1].metadata.history) == 1
     for name in plain:
         assert torch.equal(evaluated[name], plain[name]), name
     assert results[0].metrics == results[1].metrics

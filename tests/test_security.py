@@ -236,7 +236,7 @@ def test_every_field_is_checked(copy):
     with pytest.raises(PeftkitError, match=r"peftkit.json is corrupt \(not valid JSON\)"):  # NaN is not JSON
         read_metadata(folder)
     (folder / "peftkit.json").write_text(json.dumps(original))
-    assert read_metadata(folder)["name"] == "tiny"
+    assert read_metadata(folder).name == "tiny"
 
 
 def test_export_format_names_match_the_schema():
@@ -248,9 +248,26 @@ def test_export_format_names_match_the_schema():
     assert typing.get_args(ExportMetadata.model_fields["format"].annotation) == tuple(formats())
 
 
-def test_what_peftkit_writes_is_checked_first(copy):
+def test_readers_get_the_typed_metadata_and_writers_copy_it_whole(copy):
+    """What a reader gets is the typed model (attributes, not string keys), frozen, and its ``to_json`` is the
+    file's own content, every key where the writer put it: what a derived adapter copies is what was checked."""
+    from pydantic import ValidationError
+
+    from peftkit.config.metadata import AdapterMetadata
+
     folder = copy / "adapters" / "tiny"
     metadata = read_metadata(folder)
+    assert isinstance(metadata, AdapterMetadata)
+    assert metadata.base.quantization.bits == metadata.recipe.quantization.bits
+    assert metadata.task.head().state == metadata.task.state.to_json()
+    assert metadata.to_json() == json.loads((folder / "peftkit.json").read_text())
+    with pytest.raises(ValidationError, match="frozen"):
+        metadata.name = "other"
+
+
+def test_what_peftkit_writes_is_checked_first(copy):
+    folder = copy / "adapters" / "tiny"
+    metadata = read_metadata(folder).to_json()
     metadata["metrics"]["accuracy"] = float("nan")
     with pytest.raises(PeftkitError, match=r"^nothing was saved: the metadata of tiny would not be valid "
                                            r"\(metrics.accuracy: input should be a finite number\)$"):

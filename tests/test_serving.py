@@ -95,7 +95,7 @@ def test_mixed_batch_equals_each_adapter_alone(registry, path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     plain = AutoModelForCausalLM.from_pretrained(
-        registry.get("chat").metadata["recipe"]["base"]["model"], device_map={"": "cpu"},
+        registry.get("chat").metadata.recipe.base.model, device_map={"": "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
     ids = server.tokenizer([texts[3]], return_tensors="pt")["input_ids"]

@@ -91,8 +91,8 @@ def test_train_lowers_loss_moves_only_adapter_and_reloads(recipe_for, task, quan
     initial = record_initial_adapter(monkeypatch)
     result = train(recipe, **QUIET)
 
-    history = result.metadata["history"]
-    steps = result.metadata["training"]["optimizer_steps"]
+    history = result.metadata.history
+    steps = result.metadata.training.optimizer_steps
     assert history[0]["step"] == 0 and history[-1]["step"] == steps
     assert history[-1]["loss"] < history[0]["loss"] - 1e-4, history
 
@@ -157,10 +157,10 @@ def test_lora_options_reach_peft(recipe_for):
 def test_same_seed_same_losses(recipe_for):
     runs = [train(build_recipe(recipe_for(adapter="lora", quant="4bit", output={"name": f"seed{i}"},
                                           train={"max_steps": 4, "eval_every": 2})), **QUIET) for i in range(2)]
-    assert runs[0].metadata["history"] == runs[1].metadata["history"]
+    assert runs[0].metadata.history == runs[1].metadata.history
     other = train(build_recipe(recipe_for(adapter="lora", quant="4bit", output={"name": "seed-other"},
                                           train={"max_steps": 4, "eval_every": 2, "seed": 8})), **QUIET)
-    assert other.metadata["history"][-1] != runs[0].metadata["history"][-1]
+    assert other.metadata.history[-1] != runs[0].metadata.history[-1]
 
 
 def test_optimizer_is_fused_on_cpu(recipe_for):

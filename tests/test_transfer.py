@@ -35,8 +35,8 @@ def test_child_starts_from_parent_weights_and_head(recipe_for, parent):
     assert all(torch.equal(a, b) for a, b in zip(_state(parent.model, head).values(), _state(built.model, head).values()))
 
     child = train(build_recipe(data), **QUIET)
-    assert child.metadata["provenance"]["init_from"] == "parent"
-    assert child.metadata["provenance"]["head"] == "kept"
+    assert child.metadata.provenance["init_from"] == "parent"
+    assert child.metadata.provenance["head"] == "kept"
 
 
 def test_new_labels_get_a_new_head(recipe_for, parent, tiny_dir, tmp_path):
@@ -46,8 +46,8 @@ def test_new_labels_get_a_new_head(recipe_for, parent, tiny_dir, tmp_path):
                       data={"train": str(tmp_path / "three.tsv"), "eval": None, "eval_fraction": 0.25})
     data["adapter"]["init_from"] = "parent"
     child = train(build_recipe(data), **QUIET)
-    assert child.metadata["provenance"]["head"] == "reinitialised"
-    assert child.metadata["task"]["state"]["labels"] == ["mid", "neg", "pos"]
+    assert child.metadata.provenance["head"] == "reinitialised"
+    assert child.metadata.task.state.labels == ["mid", "neg", "pos"]
 
     data["adapter"]["init_head"] = "keep"
     data["output"]["name"] = "three-keep"

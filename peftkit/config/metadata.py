@@ -8,8 +8,11 @@ sets, adapter names by the registry's rule, module names and file paths by patte
 stored recipe by the recipe's own schema. The digest is a checksum, not a signature: anyone can recompute it.
 What keeps a crafted file from reaching the code that uses its values is the schema.
 
-The schema is strict (no coercion), so the dict a reader gets back is the file's own content, every key
-where the writer put it; readers keep their dict access (``metadata["base"]["fingerprint"]``).
+The schema is strict (no coercion). A reader gets the typed model back (:data:`StoredMetadata`), never the
+dict: every field a consumer reads is named and typed here, so a misspelt key fails at import-time checks and in
+tests rather than as a ``KeyError`` in one command, and a field that changes is changed in one place. Writers
+build a plain dict, which :func:`problems` checks before it is sealed; :meth:`_Schema.to_json` gives a section
+back as the file held it, for a derived adapter that copies it.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ import hashlib
 import json
 import math
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from ..errors import PeftkitError
+
+if TYPE_CHECKING:
+    from ..tasks import TaskHead
 from .recipe import Dtype, QuantizationSection, Recipe
 
 FORMAT_VERSION = 2  # 2: peftkit.json carries its own digest
@@ -81,7 +87,11 @@ Count = Annotated[int, Field(ge=0)]
 
 
 class _Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """This section as the file held it (keys it left out stay out), for a writer that copies it."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 class TaskState(_Schema):
@@ -96,6 +106,12 @@ class TaskInfo(_Schema):
     type: str
     options: JsonDict
     state: TaskState
+
+    def head(self) -> "TaskHead":
+        """The task head the adapter was trained with, with what it learned from the data."""
+        from ..tasks import make_task
+
+        return make_task(self.type, self.options, self.state.to_json())
 
     @field_validator("type")
     @classmethod
@@ -203,6 +219,7 @@ class MergedMetadata(_Derived):
 
 KINDS: dict[Optional[str], type[_Common]] = {None: AdapterMetadata, "export": ExportMetadata,
                                              "merged": MergedMetadata}
+StoredMetadata = Union[AdapterMetadata, ExportMetadata, MergedMetadata]
 
 
 def digest(metadata: dict[str, Any]) -> str:
@@ -217,24 +234,30 @@ def _message(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-def problems(metadata: dict[str, Any]) -> list[str]:
-    """What is wrong with ``metadata`` against the schema, one ``key.path: message`` each (empty when valid)."""
+def parse(metadata: dict[str, Any]) -> tuple[Optional[StoredMetadata], list[str]]:
+    """``metadata`` as its typed model, and what is wrong with it against the schema, one ``key.path: message``
+    each (the model is None unless that list is empty)."""
     from ..tasks import validate_task_options
 
     kind = metadata.get("kind")
     if kind not in KINDS:
-        return [f"kind: unknown kind {kind!r}"]
+        return None, [f"kind: unknown kind {kind!r}"]
     try:
-        KINDS[kind].model_validate(metadata, strict=True)
+        model = KINDS[kind].model_validate(metadata, strict=True)
     except ValidationError as exc:
-        return [f"{'.'.join(str(part) for part in e['loc'])}: {_message(e['msg'])}"
-                for e in exc.errors()]
+        return None, [f"{'.'.join(str(part) for part in e['loc'])}: {_message(e['msg'])}" for e in exc.errors()]
     recipe_task = {k: v for k, v in metadata["recipe"]["task"].items() if k != "type"}
-    return (validate_task_options(metadata["task"]["type"], metadata["task"]["options"])
-            + [f"recipe.{p}" for p in validate_task_options(metadata["recipe"]["task"]["type"], recipe_task)])
+    found = (validate_task_options(model.task.type, model.task.options)
+             + [f"recipe.{p}" for p in validate_task_options(metadata["recipe"]["task"]["type"], recipe_task)])
+    return (None if found else model), found
 
 
-def validate(metadata: Any, path: Path) -> dict[str, Any]:
+def problems(metadata: dict[str, Any]) -> list[str]:
+    """What is wrong with ``metadata`` against the schema (empty when valid)."""
+    return parse(metadata)[1]
+
+
+def validate(metadata: Any, path: Path) -> StoredMetadata:
     """``metadata`` as read from ``path`` (JSON, every number finite), refused in one line unless it is a
     peftkit.json in this version's format, unedited and valid."""
     fix = "restore the folder from a copy you trust, or retrain the adapter"
@@ -249,9 +272,9 @@ def validate(metadata: Any, path: Path) -> dict[str, Any]:
                            f"own, which this one does not read (format {FORMAT_VERSION}); retrain the adapter")
     if metadata.get(DIGEST) != digest(metadata):
         raise PeftkitError(f"{path} was edited or is corrupt (its digest does not match its content); {fix}")
-    found = problems(metadata)
-    if found:
+    model, found = parse(metadata)
+    if model is None:
         shown = "; ".join(found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
         raise PeftkitError(f"{path} does not hold valid peftkit metadata ({shown}); {fix}")
-    return metadata
+    return model
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
+
+from ..config.metadata import AdapterMetadata
+from ..errors import PeftkitError
 
 HEATMAP_FILE = "rank_heatmap.png"
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -28,16 +31,19 @@ def rank_grid(ranks: dict[str, int]) -> tuple[list[Optional[int]], list[str], di
     return layers, kinds, cells
 
 
-def report(metadata: dict[str, Any]) -> str:
-    """A plain-text rank report of an AdaLoRA adapter's metadata."""
-    info = metadata["adapter"]["adalora"]
-    ranks: dict[str, int] = info["final_ranks"]
+def report(metadata: AdapterMetadata) -> str:
+    """A plain-text rank report of an AdaLoRA adapter's metadata (``Registry(...).get(name).metadata``)."""
+    info = metadata.adapter.adalora
+    if info is None:
+        raise PeftkitError(f"{metadata.name} is a {metadata.adapter.method} adapter; only AdaLoRA adapters have a "
+                           "rank report")
+    ranks = info.final_ranks
     lines = [
-        f"AdaLoRA ranks: {info['final_budget']} kept of {info['init_r'] * len(ranks)} "
-        f"(target budget {info['target_budget']}: {info['target_r']} per module on average, "
-        f"from {info['init_r']}), {info['reallocations']} reallocations",
+        f"AdaLoRA ranks: {info.final_budget} kept of {info.init_r * len(ranks)} "
+        f"(target budget {info.target_budget}: {info.target_r} per module on average, "
+        f"from {info.init_r}), {info.reallocations} reallocations",
     ]
-    if info["final_budget"] != info["target_budget"]:
+    if info.final_budget != info.target_budget:
         lines.append("  the budget was not reached: training stopped before the final phase")
     by_kind: dict[str, int] = defaultdict(int)
     by_layer: dict[str, int] = defaultdict(int)

@@ -29,7 +29,8 @@ import torch
 from ..errors import PeftkitError
 from ..finite import check_finite, check_weights
 from ..store.artifacts import build_metadata, derived_lora_recipe, register_derived
-from ..store.registry import Entry, Registry
+from ..store.registry import Registry
+from ..store.snapshot import AdapterSnapshot
 
 PREFIX = "base_model.model."
 
@@ -69,15 +70,15 @@ def _check_options(parents: list[str], weights: list[float], method: str, densit
                            "dare_ties or magnitude_prune")
 
 
-def _check_compatible(entries: list[Entry]) -> None:
-    first = entries[0]
-    for other in entries[1:]:
+def _check_compatible(parents: list[AdapterSnapshot]) -> None:
+    first = parents[0]
+    for other in parents[1:]:
         a, b = first.metadata, other.metadata
         pairs = [
-            ("task", a["task"]["type"], b["task"]["type"]),
-            ("label map", a["task"].get("state", {}).get("labels"), b["task"].get("state", {}).get("labels")),
-            ("base", (a["base"]["identity"], a["base"]["fingerprint"]), (b["base"]["identity"], b["base"]["fingerprint"])),
-            ("base quantization", a["base"]["quantization"], b["base"]["quantization"]),
+            ("task", a.task.type, b.task.type),
+            ("label map", a.task.state.labels, b.task.state.labels),
+            ("base", (a.base.identity, a.base.fingerprint), (b.base.identity, b.base.fingerprint)),
+            ("base quantization", a.base.quantization.model_dump(mode="json"), b.base.quantization.model_dump(mode="json")),
         ]
         for what, left, right in pairs:
             if left != right:
@@ -92,23 +93,19 @@ def _short(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
-def lora_weights_and_config(registry: Registry, entry: Entry) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+def lora_weights_and_config(snapshot: AdapterSnapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
     """A parent as a LoRA adapter: weights, config dict, and whether it was converted from AdaLoRA."""
-    from ..store.snapshot import read_snapshot
     from .convert import convert_weights, lora_config_for
 
-    if entry.metadata.get("recipe", {}).get("adapter") is None:
-        raise PeftkitError(f"{entry.name} is a full fine-tune, not an adapter; only adapters can be combined")
-    snapshot = read_snapshot(registry, entry.name)  # the verified bytes are the ones combined
     config, weights = dict(snapshot.config), snapshot.weights
-    check_finite(weights.items(), entry.name, "it cannot be combined; retrain it (with a lower train.lr)")
+    check_finite(weights.items(), snapshot.name, "it cannot be combined; retrain it (with a lower train.lr)")
     if config["peft_type"] == "ADALORA":
         weights, ranks = convert_weights(weights, config["lora_alpha"], config["init_r"])
         return weights, lora_config_for(config, ranks), True
     if config["peft_type"] != "LORA":
-        raise PeftkitError(f"{entry.name} is a {config['peft_type']} adapter; combine takes LoRA and AdaLoRA adapters")
+        raise PeftkitError(f"{snapshot.name} is a {config['peft_type']} adapter; combine takes LoRA and AdaLoRA adapters")
     if config.get("use_dora"):
-        raise PeftkitError(f"{entry.name} is a DoRA adapter; peft's add_weighted_adapter cannot combine DoRA magnitudes")
+        raise PeftkitError(f"{snapshot.name} is a DoRA adapter; peft's add_weighted_adapter cannot combine DoRA magnitudes")
     return weights, config, False
 
 
@@ -161,27 +158,27 @@ def combine(registry: Registry, parents: list[str], weights: list[float], method
     from peft import PeftConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from ..config.recipe import Recipe
     from ..core.models import load_base_for_task, load_tokenizer, resolve_base, user_trust
-    from ..tasks import make_task
+    from ..store.snapshot import read_snapshot
 
     _check_options(parents, weights, method, density)
     target = registry.target(name)
     if not overwrite:
         registry.refuse_existing(name, "choose another --name or pass --overwrite")
-    entries = [registry.get(p) for p in parents]
+    # read once, verified: the metadata checked for compatibility and the weights combined come from the same bytes
+    entries = [read_snapshot(registry, p, not_an_adapter="only adapters can be combined") for p in parents]
     _check_compatible(entries)
-    loaded = [lora_weights_and_config(registry, e) for e in entries]
+    loaded = [lora_weights_and_config(e) for e in entries]
     split = [_split_head(w) for w, _, _ in loaded]
     _check_ranks(parents, [lora for lora, _ in split], method)
     head = combined_head([h for _, h in split], weights, parents)
 
     first = entries[0].metadata
-    recipe = Recipe.model_validate(first["recipe"])
+    recipe = first.recipe
     recipe = recipe.model_copy(update={"base": user_trust(recipe.base, parents[0], trust_remote_code, allow_pickle)})
     # the combination only reads the adapters' matrices; a float base is enough to hold them
     recipe = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"bits": None})})
-    task = make_task(first["task"]["type"], first["task"]["options"], first["task"]["state"])
+    task = first.task.head()
     base_ref = resolve_base(recipe.base)
     model = load_base_for_task(recipe, task, base_ref, load_tokenizer(base_ref, recipe.base), torch.device("cpu"))
     adapter_names = [f"parent{i}" for i in range(len(parents))]
@@ -220,20 +217,20 @@ def combine(registry: Registry, parents: list[str], weights: list[float], method
 
     lora_keys = module_ranks(combined)
     leaf_targets = sorted({m.split(".")[-1] for m in lora_keys})
-    new_recipe = derived_lora_recipe(first["recipe"], name, config.r, config.lora_alpha, config.lora_dropout,
+    new_recipe = derived_lora_recipe(first.recipe, name, config.r, config.lora_alpha, config.lora_dropout,
                                      leaf_targets)
     metadata = build_metadata(
-        name=name, task=first["task"], base=first["base"],
-        adapter={"method": "lora", "targets": leaf_targets, "head_modules": first["adapter"].get("head_modules", []),
+        name=name, task=first.task.to_json(), base=first.base.to_json(),
+        adapter={"method": "lora", "targets": leaf_targets, "head_modules": first.adapter.head_modules,
                  "trainable_parameters": sum(t.numel() for t in combined.values()),
-                 "total_parameters": first["adapter"].get("total_parameters")},
-        metrics={}, key_metric=first.get("key_metric"), recipe=new_recipe,
+                 "total_parameters": first.adapter.total_parameters},
+        metrics={}, key_metric=first.key_metric, recipe=new_recipe,
         provenance={
             "combined_from": parents, "weights": weights, "method": method, "density": density,
             "svd_rank": svd_rank, "majority_sign": majority_sign, "seed": seed, "peft_weights": peft_weights,
             "head": "weighted average, weights normalised to sum to 1" if head else None,
             "converted_from_adalora": [p for p, (_, _, ada) in zip(parents, loaded) if ada],
-            "parents": {e.name: {"created": e.metadata.get("created"), "files": e.metadata.get("files", {})}
+            "parents": {e.name: {"created": e.metadata.created, "files": e.metadata.files}
                         for e in entries},
         },
     )

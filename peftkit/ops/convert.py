@@ -84,19 +84,19 @@ def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
     from ..store.snapshot import read_snapshot
 
     entry = registry.get(source)
-    if entry.metadata["adapter"]["method"] != "adalora":
+    if entry.metadata.adapter.method != "adalora":
         raise PeftkitError(
-            f"{source} is a {entry.metadata['adapter']['method']} adapter; `adalora to-lora` converts AdaLoRA "
+            f"{source} is a {entry.metadata.adapter.method} adapter; `adalora to-lora` converts AdaLoRA "
             "adapters only"
         )
     entry = read_snapshot(registry, source)  # the verified bytes are the ones converted
     target = registry.target(name)
     if not overwrite:
         registry.refuse_existing(name, "choose another --name or pass --overwrite")
-    info = entry.metadata["adapter"]["adalora"]
-    if info["final_budget"] != info["target_budget"]:
-        warn(f"{source} stopped before its final budget ({info['final_budget']} ranks kept, target "
-             f"{info['target_budget']}); converting the {info['final_budget']} ranks it kept")
+    info = entry.metadata.adapter.adalora
+    if info is not None and info.final_budget != info.target_budget:
+        warn(f"{source} stopped before its final budget ({info.final_budget} ranks kept, target "
+             f"{info.target_budget}); converting the {info.final_budget} ranks it kept")
     adalora_config, weights = entry.config, entry.weights
     lora_weights, ranks = convert_weights(weights, adalora_config["lora_alpha"], adalora_config["init_r"])
     config = lora_config_for(adalora_config, ranks)
@@ -104,25 +104,26 @@ def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
                  f"`peftkit adapters show {source}`) or diverged in training; nothing was registered")
 
     kept = {m: r for m, r in ranks.items() if r > 0}
-    recipe = derived_lora_recipe(entry.metadata["recipe"], name, config["r"], config["r"], config["lora_dropout"],
+    recipe = derived_lora_recipe(entry.metadata.recipe, name, config["r"], config["r"], config["lora_dropout"],
                                  sorted(kept))
     metadata = build_metadata(**{
-        **{k: v for k, v in entry.metadata.items() if k not in ("format_version", "created", "versions", "files")},
+        **{k: v for k, v in entry.metadata.to_json().items()
+           if k not in ("format_version", "created", "versions", "files")},
         "name": name,
         "recipe": recipe,
         "adapter": {
             "method": "lora",
             "targets": sorted(kept),
-            "head_modules": entry.metadata["adapter"].get("head_modules", []),
+            "head_modules": entry.metadata.adapter.head_modules,
             "rank_pattern": kept,
             "trainable_parameters": sum(t.numel() for t in lora_weights.values()),
-            "total_parameters": entry.metadata["adapter"].get("total_parameters"),
+            "total_parameters": entry.metadata.adapter.total_parameters,
         },
         "provenance": {
             "converted_from": source,
             "conversion": "adalora-to-lora (exact)",
-            "source_files": entry.metadata.get("files", {}),
-            "source_created": entry.metadata.get("created"),
+            "source_files": entry.metadata.files,
+            "source_created": entry.metadata.created,
             "dropped_modules": sorted(m for m, r in ranks.items() if r == 0),
         },
     })

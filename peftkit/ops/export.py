@@ -13,16 +13,17 @@ own text, in a fresh process).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..config.metadata import AdapterMetadata
 from ..config.recipe import BaseModelSection
 from ..core.models import user_trust
 from ..errors import PeftkitError
 from ..store.artifacts import build_metadata, seal, staged_folder
 from ..store.registry import Registry
-from .merge import check_output, folder_bytes, source_adapter
+from ..store.snapshot import read_verified
+from .merge import check_output, derived_fields, folder_bytes, same_adapter, source_adapter
 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -32,15 +33,15 @@ def formats() -> dict[str, Callable[..., dict[str, Any]]]:
     return {"peft": export_peft}
 
 
-def export_peft(folder: Path, metadata: dict[str, Any], staging: Path, out: Path,
+def export_peft(files: dict[str, bytes], metadata: AdapterMetadata, staging: Path, out: Path,
                 base_section: BaseModelSection) -> dict[str, Any]:
-    """Write the peft-format export of the adapter in ``folder`` into ``staging``; return what the card needs and
-    how to load the export as the card says (``load_plain``)."""
+    """Write the peft-format export of the adapter whose verified ``files`` are given into ``staging``; return
+    what the card needs and how to load the export as the card says (``load_plain``)."""
     from ..core.models import load_tokenizer, resolve_base
     from . import model_card
 
     for name in PEFT_FILES:
-        shutil.copyfile(folder / name, staging / name)
+        (staging / name).write_bytes(files[name])
     config_path = staging / "adapter_config.json"
     config = json.loads(config_path.read_text())
     portable = model_card.hub_base_id(metadata)
@@ -76,17 +77,20 @@ def export(registry: Registry, source: str, fmt: str, out: str | Path, force: bo
     out = Path(out)
     folder, metadata = source_adapter(registry, source, action="export")
     check_output(out, force, [folder, registry.root])
-    name = metadata["name"]
-    base_section = user_trust(BaseModelSection.model_validate(metadata["recipe"]["base"]), name, trust_remote_code,
-                              allow_pickle)
+    name = metadata.name
+    base_section = user_trust(metadata.recipe.base, name, trust_remote_code, allow_pickle)
+    # the files exported are the bytes checked against the metadata, read once (a file replaced meanwhile cannot
+    # slip into the export)
+    files = read_verified(folder, metadata)
     with staged_folder(out, overwrite=force) as staging:
-        written = known[fmt](folder, metadata, staging, out, base_section)
+        written = known[fmt](files, metadata, staging, out, base_section)
         check = None
         if check_rows > 0:
             # the same bitsandbytes CPU path as plain peft takes here, so the two can agree to float rounding
             loaded = load_trained(folder, packed_inference=True, trust_remote_code=trust_remote_code,
                                   allow_pickle=allow_pickle)
-            path = path_for(metadata["base"]["quantization"].get("bits"), loaded.model.device.type, True)
+            same_adapter(loaded, metadata, source)
+            path = path_for(metadata.base.quantization.bits, loaded.model.device.type, True)
             sample = sample_inputs(loaded, data_file, check_rows)
             reference = scored_logits(loaded.model, sample)
             loaded.model = None
@@ -96,16 +100,13 @@ def export(registry: Registry, source: str, fmt: str, out: str | Path, force: bo
             del plain
             say(f"checked: the model card's code (plain transformers + peft) against peftkit: {describe(check)}"
                 + (f"; {describe_path(path)}" if path else ""))
-        summary = (f"The adapter `{name}` ({metadata['adapter']['method']}, trained by peftkit) in {fmt} format, "
+        bits = metadata.base.quantization.bits
+        summary = (f"The adapter `{name}` ({metadata.adapter.method}, trained by peftkit) in {fmt} format, "
                    f"for the base `{written['base']}`"
-                   + (" loaded in 4 bits" if metadata["base"]["quantization"].get("bits") == 4 else
-                      " loaded in 8 bits" if metadata["base"]["quantization"].get("bits") == 8 else "")
+                   + (" loaded in 4 bits" if bits == 4 else " loaded in 8 bits" if bits == 8 else "")
                    + ". It loads with transformers and peft alone, task head included.")
         model_card.write(staging, model_card.render(
             metadata, "adapter", f"{out.name}: {name}", summary, written["snippet"], "peft", check=check))
         seal(staging, build_metadata(
-            kind="export", format=fmt, name=out.name, exported_from=name, source_files=metadata.get("files", {}),
-            source_created=metadata.get("created"), task=metadata["task"], base=metadata["base"],
-            adapter=metadata["adapter"], metrics=metadata.get("metrics", {}), key_metric=metadata.get("key_metric"),
-            recipe=metadata["recipe"], check=check))
+            kind="export", format=fmt, name=out.name, exported_from=name, **derived_fields(metadata), check=check))
     return {"folder": out, "check": check, "size_bytes": folder_bytes(out)}

@@ -30,6 +30,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..config.metadata import AdapterMetadata, ExportMetadata, MergedMetadata, StoredMetadata
+from ..config.recipe import QuantizationSection
 from ..core.drift import Sample, compare, describe, sample_inputs, scored_logits
 from ..errors import PeftkitError
 from ..finite import check_finite
@@ -54,9 +56,9 @@ class MergeResult:
     size_bytes: int
 
 
-def source_adapter(registry: Registry, source: str, action: str = "merge") -> tuple[Path, dict[str, Any]]:
-    """The folder and metadata of a registered adapter name, or of an adapter folder given by its path;
-    refuses what has nothing left to merge."""
+def source_adapter(registry: Registry, source: str, action: str = "merge") -> tuple[Path, StoredMetadata]:
+    """The folder and metadata of a registered adapter name, or of an adapter folder given by its path; refuses
+    what has nothing left to merge. Its files are checked where they are read (``read_verified``, ``load_trained``)."""
     if os.sep in source or source.startswith("."):
         folder = Path(source)
         if not (folder / METADATA_FILE).is_file():
@@ -65,21 +67,32 @@ def source_adapter(registry: Registry, source: str, action: str = "merge") -> tu
     else:
         folder = registry.folder(source)
     metadata = read_metadata(folder)
-    kind = metadata.get("kind")
-    if kind == "merged":
-        raise PeftkitError(f"{source} is already merged (from adapter {metadata['merged_from']}): there is no adapter "
+    if isinstance(metadata, MergedMetadata):
+        raise PeftkitError(f"{source} is already merged (from adapter {metadata.merged_from}): there is no adapter "
                            f"left in it to {action}; {action} the adapter itself: peftkit {action} "
-                           f"{metadata['merged_from']} --out DIR")
-    if kind == "export":
-        raise PeftkitError(f"{source} is an export of adapter {metadata['exported_from']}; {action} the registered "
-                           f"adapter instead: peftkit {action} {metadata['exported_from']} --out DIR")
-    if metadata.get("recipe", {}).get("adapter") is None:
+                           f"{metadata.merged_from} --out DIR")
+    if isinstance(metadata, ExportMetadata):
+        raise PeftkitError(f"{source} is an export of adapter {metadata.exported_from}; {action} the registered "
+                           f"adapter instead: peftkit {action} {metadata.exported_from} --out DIR")
+    if metadata.recipe.adapter is None:
         raise PeftkitError(f"{source} is a full fine-tune: it is already a whole transformers model with no adapter "
                            f"to {action}; load its folder with from_pretrained as it is")
-    from ..store.loading import verify_files
-
-    verify_files(folder, metadata)  # before any of its files is read or copied
     return folder, metadata
+
+
+def derived_fields(metadata: AdapterMetadata) -> dict[str, Any]:
+    """What an export or a merged model records of the adapter it was made from."""
+    return {"source_files": metadata.files, "source_created": metadata.created, "task": metadata.task.to_json(),
+            "base": metadata.base.to_json(), "adapter": metadata.adapter.to_json(), "metrics": metadata.metrics,
+            "key_metric": metadata.key_metric, "recipe": metadata.recipe.to_dict()}
+
+
+def same_adapter(loaded: Any, metadata: StoredMetadata, source: str) -> None:
+    """Refuse when the adapter loaded is not the one checked before (replaced in between, by a rerun of
+    ``peftkit train --overwrite`` say): what is written must describe the weights it holds."""
+    if loaded.metadata.digest != metadata.digest:
+        raise PeftkitError(f"{source} was replaced while it was being read; nothing was written, run the command "
+                           "again")
 
 
 def check_output(out: Path, force: bool, protected: list[Path]) -> None:
@@ -102,21 +115,19 @@ def parse_dtype(name: Optional[str], default: str) -> str:
     return DTYPES[name]
 
 
-def requantization(quantize: Optional[str], source_quant: dict[str, Any], dtype: str) -> Any:
+def requantization(quantize: Optional[str], source_quant: QuantizationSection, dtype: str) -> Any:
     """The QuantizationSection for ``--quantize`` (4-bit keeps the source's double quantization)."""
-    from ..config.recipe import QuantizationSection
-
     if quantize is None:
         return None
     if quantize not in QUANTIZE:
         raise PeftkitError(f"--quantize: unknown type {quantize!r}; use one of: {', '.join(QUANTIZE)}")
     if quantize == "int8":
         return QuantizationSection(bits=8)
-    double = source_quant.get("double_quant", True) if source_quant.get("bits") == 4 else True
+    double = source_quant.double_quant if source_quant.bits == 4 else True
     return QuantizationSection(bits=4, quant_type=quantize, double_quant=double, compute_dtype=dtype)
 
 
-def _auto_class(metadata: dict[str, Any]) -> Any:
+def _auto_class(metadata: StoredMetadata) -> Any:
     import transformers
 
     from .model_card import auto_class_name, peft_task_type
@@ -175,10 +186,10 @@ def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str]
 
     out = Path(out)
     folder, metadata = source_adapter(registry, source)
-    name = metadata["name"]
+    name = metadata.name
     check_output(out, force, [folder, registry.root])
-    target_dtype = parse_dtype(dtype, metadata["base"]["dtype"])
-    requant = requantization(quantize, metadata["base"]["quantization"], target_dtype)
+    target_dtype = parse_dtype(dtype, metadata.base.dtype)
+    requant = requantization(quantize, metadata.base.quantization, target_dtype)
     if not max_drift > 0:
         raise PeftkitError(f"--max-drift: {max_drift} leaves no room even for float rounding; give a positive "
                            f"fraction (default {DEFAULT_MAX_DRIFT})")
@@ -188,7 +199,8 @@ def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str]
         if str(exc).startswith("base.model:"):
             raise PeftkitError(f"cannot merge {name}: its base is not available ({exc})") from None
         raise
-    say(f"loaded {name} on {metadata['base']['identity']} "
+    same_adapter(loaded, metadata, source)
+    say(f"loaded {name} on {metadata.base.identity} "
         f"({describe_quantization(loaded.recipe.quantization, loaded.recipe.base.dtype)})")
     sample = sample_inputs(loaded, data_file, rows)
     reference = scored_logits(loaded.model, sample)
@@ -209,7 +221,7 @@ def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str]
             del merged
             quantized = auto_class.from_pretrained(
                 float_copy, dtype=getattr(torch, target_dtype), device_map={"": device},
-                quantization_config=bnb_config(requant, list(metadata["adapter"].get("head_modules", []))))
+                quantization_config=bnb_config(requant, metadata.adapter.head_modules))
             quantized.save_pretrained(staging)
             del quantized
             shutil.rmtree(float_copy)
@@ -219,7 +231,7 @@ def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str]
                  **compare(reference, scored_logits(written, sample)), "max_drift": max_drift}
         del written
         what = f"re-quantized to {quantize}" if quantize else f"in {target_dtype}"
-        four_bit = metadata["base"]["quantization"].get("bits") == 4 or quantize in ("nf4", "fp4")
+        four_bit = metadata.base.quantization.bits == 4 or quantize in ("nf4", "fp4")
         path = path_for(4 if four_bit else None, device.type, packed_allowed=False)
         say(f"written {what}, reloaded: {describe(drift)} against {name} as trained"
             + (f"; {describe_path(path)}" if path else ""))
@@ -235,8 +247,8 @@ def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str]
         merge_info = {"dtype": target_dtype, "quantize": quantize,
                       "quantization": requant.model_dump(mode="json") if requant else None,
                       "how": "dequantized base + float32 merge (peft merge_and_unload)"}
-        summary = (f"The adapter `{name}` ({metadata['adapter']['method']}) merged into its base "
-                   f"`{metadata['base']['identity']}` ("
+        summary = (f"The adapter `{name}` ({metadata.adapter.method}) merged into its base "
+                   f"`{metadata.base.identity}` ("
                    f"{describe_quantization(loaded.recipe.quantization, loaded.recipe.base.dtype)} during training): "
                    f"the base was dequantized and the adapter merged in float32, then "
                    + (f"re-quantized to {quantize}." if quantize else f"stored in {target_dtype}.")
@@ -246,8 +258,6 @@ def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str]
             model_card.merged_snippet(str(out), model_card.peft_task_type(metadata), requant is not None),
             "transformers", drift=drift, quantized_to=quantize))
         seal(staging, build_metadata(
-            kind="merged", name=out.name, merged_from=name, source_files=metadata.get("files", {}),
-            source_created=metadata.get("created"), task=metadata["task"], base=metadata["base"],
-            adapter=metadata["adapter"], metrics=metadata.get("metrics", {}), key_metric=metadata.get("key_metric"),
-            recipe=metadata["recipe"], merge=merge_info, drift=drift, merge_rounding=rounding))
+            kind="merged", name=out.name, merged_from=name, **derived_fields(metadata), merge=merge_info, drift=drift,
+            merge_rounding=rounding))
     return MergeResult(out, drift, rounding, folder_bytes(out))

@@ -15,6 +15,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from ..config.metadata import AdapterMetadata
+from ..config.recipe import DataSection
+
 # peft task type -> the hub's pipeline tag
 PIPELINE_TAGS = {"SEQ_CLS": "text-classification", "CAUSAL_LM": "text-generation",
                  "TOKEN_CLS": "token-classification", "SEQ_2_SEQ_LM": "text2text-generation"}
@@ -32,11 +35,11 @@ def auto_class_name(peft_task_type: str) -> str:
     return "AutoModel"
 
 
-def hub_base_id(metadata: dict[str, Any]) -> str:
+def hub_base_id(metadata: AdapterMetadata) -> str:
     """The base model as another machine can name it: the hub id of a packaged model, else its identity."""
     from ..core.models import PACKAGED
 
-    identity = metadata["base"]["identity"]
+    identity = metadata.base.identity
     return PACKAGED[identity].hub_id if identity in PACKAGED else identity
 
 
@@ -61,25 +64,23 @@ def bnb_config_code(config: Any) -> str:
     return "BitsAndBytesConfig(" + ", ".join(args) + ")"
 
 
-def base_arguments(metadata: dict[str, Any]) -> list[list[tuple[str, Any, str]]]:
+def base_arguments(metadata: AdapterMetadata) -> list[list[tuple[str, Any, str]]]:
     """The keyword arguments of the base's ``from_pretrained`` in the card's snippet, as ``(name, value, source)``,
     one group per line of the snippet: the dtype, the label map, the quantization and where it runs."""
     import torch
 
-    from ..config.recipe import QuantizationSection
     from ..core.models import bnb_config, torch_dtype
     from ..tasks.classification import display_labels
 
-    dtype = torch_dtype(metadata["base"]["dtype"])
+    dtype = torch_dtype(metadata.base.dtype)
     groups = [[("dtype", dtype, _dtype_code(dtype))]]
-    labels = display_labels(metadata["task"].get("state", {}))
+    labels = display_labels(metadata.task.state.to_json())
     if labels:
         id2label = {i: name for i, name in enumerate(labels)}
         label2id = {name: i for i, name in enumerate(labels)}
         groups.append([("num_labels", len(labels), repr(len(labels))), ("id2label", id2label, repr(id2label)),
                        ("label2id", label2id, repr(label2id))])
-    quant = QuantizationSection.model_validate(metadata["base"]["quantization"])
-    config = bnb_config(quant, list(metadata["adapter"].get("head_modules", [])))
+    config = bnb_config(metadata.base.quantization, metadata.adapter.head_modules)
     if config is not None:
         groups += [[("quantization_config", config, bnb_config_code(config))],
                    [("device_map", {"": "cuda:0" if torch.cuda.is_available() else "cpu"},
@@ -87,7 +88,7 @@ def base_arguments(metadata: dict[str, Any]) -> list[list[tuple[str, Any, str]]]
     return groups
 
 
-def peft_snippet(metadata: dict[str, Any], folder: str, base: str, task_type: str) -> str:
+def peft_snippet(metadata: AdapterMetadata, folder: str, base: str, task_type: str) -> str:
     """Plain transformers + peft code that loads an exported adapter on its base."""
     auto = auto_class_name(task_type)
     groups = base_arguments(metadata)
@@ -101,7 +102,7 @@ def peft_snippet(metadata: dict[str, Any], folder: str, base: str, task_type: st
             f"tokenizer = AutoTokenizer.from_pretrained({folder!r})\n")
 
 
-def peft_load(metadata: dict[str, Any], folder: str, base: str, task_type: str) -> Any:
+def peft_load(metadata: AdapterMetadata, folder: str, base: str, task_type: str) -> Any:
     """The ``model`` that :func:`peft_snippet`'s code builds, built by this fixed code on the same arguments."""
     import transformers
     from peft import PeftModel
@@ -119,46 +120,45 @@ def merged_snippet(folder: str, task_type: str, quantized: bool) -> str:
             f"tokenizer = AutoTokenizer.from_pretrained({folder!r})\n")
 
 
-def peft_task_type(metadata: dict[str, Any]) -> str:
+def peft_task_type(metadata: AdapterMetadata) -> str:
     from ..tasks import task_types
 
-    return task_types()[metadata["task"]["type"]].peft_task_type
+    return task_types()[metadata.task.type].peft_task_type
 
 
-def _data_sets(recipe: dict[str, Any]) -> tuple[list[str], list[str]]:
+def _data_sets(data: DataSection) -> tuple[list[str], list[str]]:
     """The recipe's data as (hub data set ids, local files): the card's ``datasets:`` key takes hub ids only, the
     hub links each to its page; local files are named in the card's text instead."""
     from ..core.data import names_a_file
 
-    data = recipe.get("data", {})
-    locations = [str(source.get(key)) for source in (data, *data.get("also", [])) for key in ("train", "eval")
-                 if source.get(key)]
+    locations = [location for source in data.sources() for location in (source.train, source.eval)
+                 if location]
     local = [loc for loc in locations if names_a_file(loc)]
     hub = [loc for loc in locations if loc not in local]
     return list(dict.fromkeys(hub)), list(dict.fromkeys(local))
 
 
-def _tags(metadata: dict[str, Any], kind: str, quantized_to: Optional[str]) -> list[str]:
-    quant = metadata["base"]["quantization"]
-    tags = ["peftkit", metadata["adapter"]["method"], kind]
-    if quant.get("bits"):
-        tags += ["bitsandbytes", "4-bit" if quant["bits"] == 4 else "8-bit"]
-        tags += [quant["quant_type"]] if quant["bits"] == 4 else []
+def _tags(metadata: AdapterMetadata, kind: str, quantized_to: Optional[str]) -> list[str]:
+    quant = metadata.base.quantization
+    tags = ["peftkit", metadata.adapter.method, kind]
+    if quant.bits:
+        tags += ["bitsandbytes", "4-bit" if quant.bits == 4 else "8-bit"]
+        tags += [quant.quant_type] if quant.bits == 4 else []
     if quantized_to:
         tags.append(quantized_to)
     return list(dict.fromkeys(tags))
 
 
-def render(metadata: dict[str, Any], kind: str, title: str, summary: str, snippet: str,
+def render(metadata: AdapterMetadata, kind: str, title: str, summary: str, snippet: str,
            library: str, drift: Optional[dict[str, Any]] = None, quantized_to: Optional[str] = None,
            check: Optional[dict[str, Any]] = None) -> str:
     """The model card's text; ``metadata`` is the source adapter's peftkit metadata, ``check`` an export's
     comparison of the card's code with peftkit."""
     from huggingface_hub import ModelCardData
 
-    metrics = dict(metadata.get("metrics", {}))
+    metrics = dict(metadata.metrics)
     peft_type = peft_task_type(metadata)
-    hub_data, local_data = _data_sets(metadata["recipe"])
+    hub_data, local_data = _data_sets(metadata.recipe.data)
     card = ModelCardData(
         base_model=hub_base_id(metadata), library_name=library, tags=_tags(metadata, kind, quantized_to),
         datasets=hub_data or None, metrics=sorted(metrics) or None,
@@ -169,9 +169,9 @@ def render(metadata: dict[str, Any], kind: str, title: str, summary: str, snippe
         lines += ["## Training data", "", "Local files, as the recipe named them:", ""]
         lines += [f"- `{location}`" for location in local_data] + [""]
     if metrics:
-        evaluated = metadata.get("training", {}).get("eval_rows")
-        lines += [f"## Evaluation of the source adapter ({metadata['name']}"
-                  + (f", {evaluated} rows of {metadata['recipe']['data'].get('eval')}" if evaluated else "") + ")",
+        evaluated = metadata.training.eval_rows if metadata.training else None
+        lines += [f"## Evaluation of the source adapter ({metadata.name}"
+                  + (f", {evaluated} rows of {metadata.recipe.data.eval}" if evaluated else "") + ")",
                   "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()] + [""]
     if drift:
@@ -182,14 +182,14 @@ def render(metadata: dict[str, Any], kind: str, title: str, summary: str, snippe
             lines.append(f"| {key} | {value:.3e} |" if isinstance(value, float) and key != "label_agreement"
                          else f"| {key} | {value} |")
         lines.append("")
-    if (quantized_to in ("nf4", "fp4")) if kind == "merged" else metadata["base"]["quantization"].get("bits") == 4:
+    if (quantized_to in ("nf4", "fp4")) if kind == "merged" else metadata.base.quantization.bits == 4:
         lines += _cpu_path_section(check)
     lines += ["## Loading", "", "```python", snippet.rstrip(), "```", "",
               "## Provenance", "", "```json",
-              json.dumps({"source_adapter": metadata["name"], "base": metadata["base"]["identity"],
-                          "base_fingerprint": metadata["base"]["fingerprint"],
-                          "quantization": metadata["base"]["quantization"],
-                          "adapter_created": metadata.get("created")}, indent=2),
+              json.dumps({"source_adapter": metadata.name, "base": metadata.base.identity,
+                          "base_fingerprint": metadata.base.fingerprint,
+                          "quantization": metadata.base.quantization.model_dump(mode="json"),
+                          "adapter_created": metadata.created}, indent=2),
               "```", ""]
     return "\n".join(lines)
 

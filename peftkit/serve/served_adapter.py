@@ -19,11 +19,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..config.metadata import AdapterMetadata
 from ..config.recipe import Recipe
 from ..errors import PeftkitError
 from ..ops.convert import PREFIX, convert_weights
 from ..store.snapshot import AdapterSnapshot
-from ..tasks import TaskHead, make_task
+from ..tasks import TaskHead
 
 LORA_MARK = ".lora_"
 
@@ -31,7 +32,7 @@ LORA_MARK = ".lora_"
 @dataclass
 class ServedAdapter:
     name: str
-    metadata: dict[str, Any]
+    metadata: AdapterMetadata
     recipe: Recipe
     task: TaskHead
     lora_config: Any  # peft LoraConfig keyed for the shared model
@@ -70,8 +71,8 @@ def prepare(snapshot: AdapterSnapshot, shared_model: nn.Module, strip_prefix: Op
     from peft import LoraConfig
 
     metadata = snapshot.metadata
-    recipe = Recipe.model_validate(metadata["recipe"])
-    task = make_task(metadata["task"]["type"], metadata["task"]["options"], metadata["task"]["state"])
+    recipe = metadata.recipe
+    task = metadata.task.head()
     weights, shape = _lora_weights(snapshot)
 
     def rekey(module_path: str) -> str:

@@ -275,16 +275,14 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
     snapshots = [read_snapshot(registry, name) for name in names]
     first = snapshots[0]
     for snap in snapshots[1:]:
-        if snap.metadata["base"]["fingerprint"] != first.metadata["base"]["fingerprint"]:
+        if snap.metadata.base.fingerprint != first.metadata.base.fingerprint:
             raise PeftkitError(
-                f"{snap.name} was trained on {snap.metadata['base']['identity']} "
-                f"({snap.metadata['base']['fingerprint'][:19]}) and {first.name} on "
-                f"{first.metadata['base']['identity']} ({first.metadata['base']['fingerprint'][:19]}): "
+                f"{snap.name} was trained on {snap.metadata.base.identity} "
+                f"({snap.metadata.base.fingerprint[:19]}) and {first.name} on "
+                f"{first.metadata.base.identity} ({first.metadata.base.fingerprint[:19]}): "
                 "adapters served together must share one base"
             )
-    from ..config.recipe import Recipe
-
-    recipes = [Recipe.model_validate(s.metadata["recipe"]) for s in snapshots]
+    recipes = [s.metadata.recipe for s in snapshots]
     setups = {(r.base.dtype, r.quantization.model_dump_json()) for r in recipes}
     if len(setups) > 1 and quantized:
         shown = "; ".join(f"{s.name}: {describe_quantization(r.quantization, r.base.dtype)}"
@@ -320,10 +318,10 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
             adapter.head.to(torch_device)
     peft_model.eval()
     description = {
-        "base": first.metadata["base"]["identity"],
+        "base": first.metadata.base.identity,
         "weights": describe_quantization(quantization, recipe.base.dtype),
         "cpu_4bit_path": path_for(quantization.bits, torch_device.type, packed_inference),
-        "adapters": {s.name: {"task": s.metadata["task"]["type"], "method": s.metadata["adapter"]["method"],
+        "adapters": {s.name: {"task": s.metadata.task.type, "method": s.metadata.adapter.method,
                               "trained_on": describe_quantization(r.quantization, r.base.dtype)}
                      for s, r in zip(snapshots, recipes)},
     }

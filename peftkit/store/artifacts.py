@@ -23,9 +23,13 @@ import os
 import uuid
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .staging import staged_folder  # noqa: F401  (writers import it from here)
+
+if TYPE_CHECKING:
+    from ..config.metadata import StoredMetadata
+    from ..config.recipe import Recipe
 
 METADATA_FILE = "peftkit.json"
 _LIBRARIES = ("peftkit", "torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate")
@@ -114,29 +118,31 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def seal(folder: Path, metadata: dict[str, Any]) -> None:
+def seal(folder: Path, metadata: dict[str, Any]) -> "StoredMetadata":
     """Write ``peftkit.json`` with the checksums of the folder's files and its own digest; the last file written.
+    Returns what a reader of the folder will get back.
 
     It is checked against the schema first, so that peftkit never writes metadata it would refuse to read.
     """
-    from ..config.metadata import DIGEST, digest, problems
+    from ..config.metadata import DIGEST, digest, parse
     from ..errors import PeftkitError
 
     # as it will be read back (tuples become lists); the digest is filled in once the rest is known to be valid
     metadata = json.loads(json.dumps({**metadata, "files": file_checksums(folder), DIGEST: "0" * 64}))
-    found = problems(metadata)
-    if found:
+    model, found = parse(metadata)
+    if model is None:
         raise PeftkitError(f"nothing was saved: the metadata of {metadata.get('name')} would not be valid "
                            f"({'; '.join(found[:3])})")
     metadata[DIGEST] = digest(metadata)
     write_json_atomic(folder / METADATA_FILE, metadata)
+    return model.model_copy(update={DIGEST: metadata[DIGEST]})
 
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def read_metadata(folder: Path) -> dict[str, Any]:
+def read_metadata(folder: Path) -> "StoredMetadata":
     """The folder's ``peftkit.json``, validated (:func:`peftkit.config.metadata.validate`); one line when it is not."""
     from ..config.metadata import validate
     from ..errors import PeftkitError
@@ -151,11 +157,11 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     return validate(metadata, path)
 
 
-def derived_lora_recipe(parent_recipe: dict[str, Any], name: str, r: int, lora_alpha: float, lora_dropout: float,
+def derived_lora_recipe(parent_recipe: "Recipe", name: str, r: int, lora_alpha: float, lora_dropout: float,
                         target_modules: list[str]) -> dict[str, Any]:
     """The recipe recorded for a LoRA adapter made from stored ones (converted, combined): the parent's, with the
     adapter the new one holds and its own name, so `peftkit adapters show` and retraining read true settings."""
-    recipe = dict(parent_recipe)
+    recipe = parent_recipe.to_dict()
     recipe["adapter"] = {"method": "lora", "r": r, "lora_alpha": float(lora_alpha), "lora_dropout": lora_dropout,
                          "target_modules": target_modules}
     recipe["output"] = {**recipe["output"], "name": name}

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config.metadata import StoredMetadata
 from ..config.recipe import Recipe
 from ..core.models import (BaseRef, fingerprint, load_base_for_task, load_tokenizer, pick_device, resolve_base,
                            user_trust)
 from ..errors import PeftkitError
-from ..tasks import TaskHead, make_task
+from ..tasks import TaskHead
 from .artifacts import check_readable, file_head, read_metadata, sha256_file
 from .snapshot import read_verified
 
@@ -20,16 +21,16 @@ from .snapshot import read_verified
 @dataclass
 class LoadedAdapter:
     folder: Path
-    metadata: dict[str, Any]
+    metadata: StoredMetadata
     recipe: Recipe
     task: TaskHead
     tokenizer: Any
     model: Any  # in eval mode
 
 
-def verify_files(folder: Path, metadata: dict[str, Any]) -> None:
+def verify_files(folder: Path, metadata: StoredMetadata) -> None:
     """Every file recorded at save time is present with the same sha256."""
-    for relative, expected in metadata.get("files", {}).items():
+    for relative, expected in metadata.files.items():
         path = folder / relative
         if not path.is_file():
             raise PeftkitError(f"{folder}: {relative} is missing; restore it or retrain the adapter")
@@ -38,13 +39,13 @@ def verify_files(folder: Path, metadata: dict[str, Any]) -> None:
         check_readable(path, file_head(path, relative), path.stat().st_size)
 
 
-def check_same_base(base: BaseRef, metadata: dict[str, Any], who: str) -> None:
+def check_same_base(base: BaseRef, metadata: StoredMetadata, who: str) -> None:
     """Refuse a base whose weights are not those ``metadata``'s adapter was trained on."""
     found = fingerprint(base.path)
-    if found != metadata["base"]["fingerprint"]:
+    if found != metadata.base.fingerprint:
         raise PeftkitError(
-            f"{who} was trained on {metadata['base']['identity']} with weights "
-            f"{metadata['base']['fingerprint'][:19]}, but {base.identity} now has {found[:19]}; point "
+            f"{who} was trained on {metadata.base.identity} with weights "
+            f"{metadata.base.fingerprint[:19]}, but {base.identity} now has {found[:19]}; point "
             "base.model at the original weights, or pass check_base=False if you know they are compatible"
         )
 
@@ -66,19 +67,19 @@ def load_trained(folder: str | Path, device: str = "auto", check_base: bool = Tr
     # an adapter's files are read once, checked, and peft reads those bytes (a private copy): a file replaced
     # between the check and peft's read cannot slip through. A fully fine-tuned model (the whole model's
     # weights) is checked in place and then loaded from the folder.
-    adapter_files = read_verified(folder, metadata) if metadata["recipe"].get("adapter") is not None else None
+    adapter_files = read_verified(folder, metadata) if metadata.recipe.adapter is not None else None
     if adapter_files is None:
         verify_files(folder, metadata)
-    recipe = Recipe.model_validate(metadata["recipe"])
+    recipe = metadata.recipe
     recipe = recipe.model_copy(update={"base": user_trust(recipe.base, folder.name, trust_remote_code, allow_pickle)})
-    task = make_task(metadata["task"]["type"], metadata["task"]["options"], metadata["task"]["state"])
+    task = metadata.task.head()
     base = resolve_base(recipe.base)
     if check_base:
         check_same_base(base, metadata, folder.name)
     tokenizer = load_tokenizer(base, recipe.base)
     torch_device = pick_device(device)
     if recipe.adapter is None:  # full fine-tuning saved the whole model
-        whole = BaseRef(folder, metadata["name"], "local")
+        whole = BaseRef(folder, metadata.name, "local")
         quantization = recipe.quantization.model_copy(update={"bits": None})
         model = load_base_for_task(recipe.model_copy(update={"quantization": quantization}), task, whole,
                                    tokenizer, torch_device, packed_inference)

@@ -13,8 +13,9 @@ import difflib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
+from ..config.metadata import StoredMetadata
 from ..errors import PeftkitError
 from ..naming import check_adapter_name, check_new_adapter_name
 from .artifacts import METADATA_FILE, read_metadata
@@ -27,7 +28,7 @@ DEFAULT_ROOT = "adapters"
 class Entry:
     name: str
     folder: Path
-    metadata: dict[str, Any]
+    metadata: StoredMetadata
 
     @property
     def size_bytes(self) -> int:
@@ -117,7 +118,7 @@ class Registry:
         return not broken
 
 
-def key_metric(metadata: dict[str, Any]) -> Optional[tuple[str, float]]:
-    name = metadata.get("key_metric")
-    value = metadata.get("metrics", {}).get(name)
+def key_metric(metadata: StoredMetadata) -> Optional[tuple[str, float]]:
+    name = metadata.key_metric
+    value = metadata.metrics.get(name) if name else None
     return (name, value) if name and value is not None else None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config.metadata import StoredMetadata
 from ..errors import PeftkitError
 from .artifacts import check_readable, read_metadata
 from .registry import Registry
@@ -26,7 +27,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 class AdapterSnapshot:
     name: str
     folder: Path
-    metadata: dict[str, Any]
+    metadata: StoredMetadata
     config: dict[str, Any]  # adapter_config.json
     weights: dict[str, Any]  # peft's on-disk tensor names -> tensors
     size_bytes: int
@@ -37,17 +38,17 @@ def _removed(registry: Registry, name: str) -> PeftkitError:
                         "register it again or leave it out")
 
 
-def read_verified(folder: Path, metadata: dict[str, Any]) -> dict[str, bytes]:
+def read_verified(folder: Path, metadata: StoredMetadata) -> dict[str, bytes]:
     """Every file ``metadata`` records, read once and checked against its sha256: relative path -> bytes."""
     try:
-        blobs = {relative: (folder / relative).read_bytes() for relative in metadata.get("files", {})}
+        blobs = {relative: (folder / relative).read_bytes() for relative in metadata.files}
     except FileNotFoundError:
-        missing = [r for r in metadata.get("files", {}) if not (folder / r).is_file()]
+        missing = [r for r in metadata.files if not (folder / r).is_file()]
         if missing and folder.exists():
             raise PeftkitError(f"{folder}: {missing[0]} is missing; restore it or retrain the adapter") from None
         raise
     for relative, blob in blobs.items():
-        if hashlib.sha256(blob).hexdigest() != metadata["files"][relative]:
+        if hashlib.sha256(blob).hexdigest() != metadata.files[relative]:
             raise PeftkitError(f"{folder / relative} is corrupt (its checksum differs from the one saved); "
                                "restore it or retrain")
         check_readable(folder / relative, blob, len(blob))
@@ -70,7 +71,7 @@ def read_snapshot(registry: Registry, name: str,
         if not folder.exists():
             raise _removed(registry, name) from None
         raise
-    if metadata.get("recipe", {}).get("adapter") is None:
+    if metadata.recipe.adapter is None:
         raise PeftkitError(f"{name} is a fully fine-tuned model, not an adapter; {not_an_adapter}")
     if ADAPTER_WEIGHTS not in blobs or ADAPTER_CONFIG not in blobs:
         raise PeftkitError(f"{folder} lacks {ADAPTER_WEIGHTS} or {ADAPTER_CONFIG}; retrain the adapter")

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..config.metadata import AdapterMetadata
 from ..config.recipe import AdaLoraSection, Recipe
 from ..core import adalora
 from ..core.build import BuiltModel, Plan
@@ -43,7 +44,7 @@ from .transfer import prepare_run
 class TrainResult:
     adapter_dir: Path
     metrics: dict[str, float]
-    metadata: dict[str, Any]
+    metadata: Optional[AdapterMetadata]  # as a reader of adapter_dir gets it; None on processes other than the main
     model: Any  # the trained model, adapter attached, for use in the same process
 
 
@@ -226,7 +227,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
         writer.close()
 
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    metadata: dict[str, Any] = {}
+    metadata: Optional[AdapterMetadata] = None
     # under FSDP the whole state dict is gathered to the main process, and every process must take part
     saved_state = {"state_dict": trainer.accelerator.get_state_dict(trainer.model_wrapped)} if sharded else {}
     if main:
@@ -238,16 +239,16 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
                            recipe, plan.total_steps)
         driver = adalora_events.driver if adalora_events else None
         progress = {"step": trainer.state.global_step, "history": history}
-        metadata = _metadata(recipe, plan, built, unwrapped, driver, base_fp, metrics, progress, seconds,
-                             run_record.total_examples, per_epoch, world, device)
+        written = _metadata(recipe, plan, built, unwrapped, driver, base_fp, metrics, progress, seconds,
+                            run_record.total_examples, per_epoch, world, device)
         with staged_folder(target, overwrite=overwrite) as folder, warnings.catch_warnings():
             # peft flags the zero-size tensors of modules AdaLoRA pruned to rank 0 as unsharded ZeRO-3 leftovers
             warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
             unwrapped.save_pretrained(folder, **saved_state)
             if driver is not None:
-                save_heatmap(metadata["adapter"]["adalora"]["final_ranks"], recipe.adapter.init_r,
+                save_heatmap(written["adapter"]["adalora"]["final_ranks"], recipe.adapter.init_r,
                              folder / HEATMAP_FILE, f"{recipe.output.name}: AdaLoRA final ranks")
-            seal(folder, metadata)
+            metadata = seal(folder, written)
         say(f"saved {target} in {seconds:.0f} s of training: {format_metrics(metrics)}")
     trainer.accelerator.wait_for_everyone()
     return TrainResult(target, metrics, metadata, unwrapped)

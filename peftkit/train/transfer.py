@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from ..config.metadata import AdapterMetadata
 from ..config.recipe import Recipe
 from ..core.build import BuiltModel, Plan, build_model, plan_run
 from ..errors import PeftkitError
@@ -39,11 +40,11 @@ def learned_rank_pattern(recipe: Recipe) -> Optional[dict[str, int]]:
         entry = Registry(recipe.output.registry).get(source)
     except PeftkitError as exc:
         raise PeftkitError(f"adapter.rank_pattern_from: {exc}") from None
-    adapter = entry.metadata["adapter"]
-    ranks = adapter.get("adalora", {}).get("final_ranks") or adapter.get("rank_pattern")
+    adapter = entry.metadata.adapter
+    ranks = (adapter.adalora.final_ranks if adapter.adalora else None) or adapter.rank_pattern
     if not ranks:
         raise PeftkitError(
-            f"adapter.rank_pattern_from: {source} is a {adapter['method']} adapter without learned ranks; "
+            f"adapter.rank_pattern_from: {source} is a {adapter.method} adapter without learned ranks; "
             "name an AdaLoRA adapter or its LoRA conversion"
         )
     return {module: rank for module, rank in ranks.items() if rank > 0}
@@ -64,9 +65,9 @@ def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: li
     except PeftkitError as exc:
         raise PeftkitError(f"{key}: {exc}") from None
     metadata = snapshot.metadata
-    if metadata["adapter"]["method"] != recipe.adapter.method:
+    if metadata.adapter.method != recipe.adapter.method:
         raise PeftkitError(
-            f"{key}: {source} is a {metadata['adapter']['method']} adapter and this recipe trains "
+            f"{key}: {source} is a {metadata.adapter.method} adapter and this recipe trains "
             f"{recipe.adapter.method}; use the same adapter.method (an AdaLoRA adapter can become LoRA with "
             "`peftkit adalora to-lora`)"
         )
@@ -91,15 +92,15 @@ def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: li
         raise PeftkitError(f"{key}: {source} adapts modules this model does not have ({unexpected[0]}); "
                            "it was trained on another architecture")
     return {"init_from": source, "head": "kept" if head == "keep" else "reinitialised",
-            "parent_created": metadata.get("created"), "parent_files": metadata.get("files", {})}
+            "parent_created": metadata.created, "parent_files": metadata.files}
 
 
-def _head_decision(choice: str, parent: dict[str, Any], task: TaskHead, source: str) -> str:
-    same = parent["task"]["type"] == task.name and parent["task"].get("state", {}).get("labels") == task.state.get("labels")
+def _head_decision(choice: str, parent: AdapterMetadata, task: TaskHead, source: str) -> str:
+    same = parent.task.type == task.name and parent.task.state.labels == task.state.get("labels")
     if choice == "keep" and not same:
         raise PeftkitError(
             f"adapter.init_head: keep needs the same task and labels as {source} "
-            f"({parent['task'].get('state', {}).get('labels')} there, {task.state.get('labels')} here); "
+            f"({parent.task.state.labels} there, {task.state.get('labels')} here); "
             "set adapter.init_head: reinit"
         )
     if choice == "auto":
