@@ -138,6 +138,32 @@ def test_train_lowers_loss_moves_only_adapter_and_reloads(recipe_for, task, quan
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_full_fine_tune_reloads_exactly_and_a_file_replaced_while_loading_is_caught(recipe_for, monkeypatch):
+    """A full fine-tune is the whole model's weights: loaded from its folder, checked before and after the load."""
+    import peftkit.store.loading as loading
+    from peftkit.errors import PeftkitError
+
+    result = train(build_recipe(recipe_for(adapter=None, train={"max_steps": 4, "eval_at_start": False})), **QUIET)
+    assert result.metadata.recipe.adapter is None and result.metadata.adapter.method == "full"
+    loaded = load_trained(result.adapter_dir)
+    batch = _batch(loaded)
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(result.model(**batch).logits, loaded.model(**batch).logits)
+
+    weights = next(p for p in result.adapter_dir.iterdir() if p.suffix == ".safetensors")
+    real = loading.load_base_for_task
+
+    def replaced_while_loading(*args, **kwargs):
+        model = real(*args, **kwargs)
+        weights.write_bytes(weights.read_bytes()[:-1] + b" ")  # after the first check, before the second
+        return model
+
+    monkeypatch.setattr(loading, "load_base_for_task", replaced_while_loading)
+    with pytest.raises(PeftkitError, match=rf"^{weights} is corrupt \(its checksum differs"):
+        load_trained(result.adapter_dir)
+
+
 def test_lora_options_reach_peft(recipe_for):
     """rsLoRA, DoRA (on a 4-bit base), named targets and a layer subset end up in the saved peft config."""
     data = recipe_for(quant="4bit", train={"max_steps": 2, "eval_at_start": False})

@@ -66,7 +66,8 @@ def load_trained(folder: str | Path, device: str = "auto", check_base: bool = Tr
     metadata = read_metadata(folder)
     # an adapter's files are read once, checked, and peft reads those bytes (a private copy): a file replaced
     # between the check and peft's read cannot slip through. A fully fine-tuned model (the whole model's
-    # weights) is checked in place and then loaded from the folder.
+    # weights, gigabytes for a large base: a private copy would double the disk it needs) is checked in place
+    # before and again after it is loaded from the folder, so a file replaced in between is caught too.
     adapter_files = read_verified(folder, metadata) if metadata.recipe.adapter is not None else None
     if adapter_files is None:
         verify_files(folder, metadata)
@@ -83,6 +84,7 @@ def load_trained(folder: str | Path, device: str = "auto", check_base: bool = Tr
         quantization = recipe.quantization.model_copy(update={"bits": None})
         model = load_base_for_task(recipe.model_copy(update={"quantization": quantization}), task, whole,
                                    tokenizer, torch_device, packed_inference)
+        verify_files(folder, metadata)
     else:
         from peft import PeftModel
 
