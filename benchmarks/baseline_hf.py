@@ -69,7 +69,7 @@ from run_peftkit import adapter_parameters_kept
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "SST-2"
 ADAPTER = "default"
 # what the naive peer takes; the other flags are the careful peer's alone
-CAREFUL_ONLY = ("head_lr", "adapter_lr_scale", "targets", "orthogonal_init", "init", "loraplus_lr_ratio")
+CAREFUL_ONLY = ("head_lr", "adapter_lr_scale", "targets", "orthogonal_init", "init", "loraplus_lr_ratio", "sampling")
 
 
 def read_tsv(path: Path, limit: int | None, seed: int) -> list[dict[str, Any]]:
@@ -131,6 +131,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--init", choices=["default", "gaussian", "loftq"],
                    help="careful: LoRA's A and B at peft's default, gaussian, or LoftQ's correction (4-bit)")
     p.add_argument("--loraplus-lr-ratio", type=float, help="careful: LoRA+, the B matrices at this multiple of --lr")
+    p.add_argument("--sampling", choices=["group_by_length", "random"],
+                   help="careful: Trainer's train_sampling_strategy (default group_by_length; random for ablations)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default="/tmp/peftkit-baseline")
     args = p.parse_args(argv)
@@ -406,7 +408,7 @@ def build(args: argparse.Namespace) -> Built:
         output_dir=args.out, max_steps=steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size, learning_rate=args.lr, warmup_steps=warmup,
         lr_scheduler_type=schedule, max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
-        train_sampling_strategy="group_by_length" if careful else "random",
+        train_sampling_strategy=(args.sampling or "group_by_length") if careful else "random",
         logging_steps=50, save_strategy="no", report_to=[], seed=args.seed, use_cpu=not cuda, disable_tqdm=True,
     )
     optimizers: tuple[Any, Any] = (None, None)
