@@ -111,6 +111,18 @@ run compare_methods 270 $PY benchmarks/compare_methods.py --model "$MODEL" "${CO
   --out "$RESULTS/compare_methods"
 run throughput 120 $PY benchmarks/throughput.py --model "$MODEL" "${THROUGHPUT[@]}" --out "$RESULTS/throughput"
 run tests 120 $PY -m pytest -q -x -p no:cacheprovider "${TESTS[@]}"
+# QLoRA through Trainer's FSDP integration (issue 15, part 5) on the one GPU lent: one process, so FSDP wraps and
+# shards over a world of one; it checks the path runs and saves an adapter, not the memory it saves on several
+# GPUs. Not in --cpu mode: accelerate's FSDP does not start on CPUs (peftkit refuses it in one line). DeepSpeed is
+# not installed on the GPU image (its sdist would have to be carried and built there).
+FSDP_SET=(--set quantization.quant_storage=bfloat16 --set base.dtype=bfloat16 --set train.max_steps=20
+          --set train.eval_every=20 --set data.train="$DATA/glue/SST-2/train.tsv" --set data.eval="$DATA/glue/SST-2/dev.tsv"
+          --set data.max_eval_samples=256 --set output.name=fsdp-qlora --set output.registry=/tmp/gpu-checks-adapters
+          --set output.runs=/tmp/gpu-checks-runs --set base.model="$MODEL")
+if [ "$MODE" != cpu ]; then
+  run fsdp-qlora 150 $PY -m accelerate.commands.launch --config_file docs/accelerate/fsdp-qlora.yaml --num_processes 1 \
+    -m peftkit train recipes/sst2-qlora.yaml --overwrite "${FSDP_SET[@]}"
+fi
 
 if [ "$MODE" = dry ]; then
   echo "[collect] tar -czf ${OUT:-<no OUT>}/gpu-results.tar.gz -C $RESULTS . ; cp $RESULTS/*/results.md into ${OUT:-<no OUT>}"

@@ -144,10 +144,14 @@ def test_fsdp_refuses_what_the_loop_cannot_shard(tiny_dir, tmp_path, monkeypatch
         check_launch(_fake_accelerator(DistributedType.FSDP), adalora, said.append)
     assert said == []
 
-    # on CPUs accelerate leaves FSDP off and runs DDP; peftkit says so rather than pretend
+    # on CPUs accelerate's FSDP plugin refuses to start (a traceback from inside Trainer); peftkit says it in one
+    # line before Trainer is made
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert check_launch(_fake_accelerator(DistributedType.MULTI_CPU), adalora, said.append) is False
-    assert said == ["note: accelerate runs FSDP on GPUs only; these CPU processes train data-parallel (DDP)"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PeftkitError, match=r"^the accelerate config asks for FSDP, which runs on GPUs only, .*"
+                                           r"docs/accelerate/ddp.yaml \(data-parallel\) instead$"):
+        train(lora_4bit, echo=said.append)
+    assert said == []
 
 
 def test_killed_two_process_run_with_dropout_resumes_to_the_uninterrupted_one(tiny_dir, tmp_path):

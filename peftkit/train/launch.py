@@ -17,6 +17,18 @@ from ..core.models import torch_dtype
 from ..errors import PeftkitError
 
 
+def refuse_fsdp_without_gpu() -> None:
+    """One line where accelerate would raise a traceback from inside Trainer: its FSDP plugin needs a GPU (or
+    another accelerator); on CPUs it refuses to start, whatever the number of processes (accelerate 1.x)."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
+        from ..errors import PeftkitError
+
+        raise PeftkitError("the accelerate config asks for FSDP, which runs on GPUs only, and this machine has none; "
+                           "on CPUs launch with --config_file docs/accelerate/ddp.yaml (data-parallel) instead")
+
+
 def check_launch(accelerator: Any, recipe: Recipe, say: Callable[[str], None]) -> bool:
     """Whether the weights are sharded across processes (FSDP, DeepSpeed ZeRO-3), so that every process must
     take part in every forward pass and the final state dict is gathered; refuse what peftkit cannot train."""
@@ -32,8 +44,6 @@ def check_launch(accelerator: Any, recipe: Recipe, say: Callable[[str], None]) -
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return check_deepspeed(accelerator.state.deepspeed_plugin, recipe)
     if accelerator.distributed_type != DistributedType.FSDP:
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-            say("note: accelerate runs FSDP on GPUs only; these CPU processes train data-parallel (DDP)")
         return False
     plugin = accelerator.state.fsdp_plugin
     problems = []

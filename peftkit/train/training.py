@@ -34,7 +34,7 @@ from ..store.registry import Registry
 from .adalora_callback import AdaLoraCallback
 from .checkpoint import (check_readable, check_same_run, checkpoint_dir, latest_checkpoint, list_checkpoints,
                          read_record, refuse_old_format, resume_relevant)
-from .launch import check_launch, fit_fsdp_plugin
+from .launch import check_launch, fit_fsdp_plugin, refuse_fsdp_without_gpu
 from .run_events import RunFlow, RunRecord, RunReport, format_metrics
 from .trainer import PeftkitTrainer, RowIndices, diverged
 from .transfer import prepare_run
@@ -134,6 +134,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     The adapter's name is reserved in the registry for the whole run (by the main process), so a second run
     of the same name fails at once instead of training to the end and finding the name taken.
     """
+    refuse_fsdp_without_gpu()  # before anything loads
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: the main process holds the name
         return _train(recipe, resume, overwrite, echo)
     with Registry(recipe.output.registry).reserve(recipe.output.name, "output.name"):
