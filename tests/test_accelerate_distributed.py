@@ -147,7 +147,7 @@ def test_fsdp_refuses_what_the_loop_cannot_shard(tiny_dir, tmp_path, monkeypatch
     # on CPUs accelerate's FSDP plugin refuses to start (a traceback from inside Trainer); peftkit says it in one
     # line before Trainer is made
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
     with pytest.raises(PeftkitError, match=r"^the accelerate config asks for FSDP, which runs on GPUs only, .*"
                                            r"docs/accelerate/ddp.yaml \(data-parallel\) instead$"):
         train(lora_4bit, echo=said.append)

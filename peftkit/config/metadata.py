@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from ..errors import PeftkitError
+from .recipe import Dtype, QuantizationSection, Recipe
 
 if TYPE_CHECKING:
     from ..tasks import TaskHead
-from .recipe import Dtype, QuantizationSection, Recipe
 
 FORMAT_VERSION = 2  # 2: peftkit.json carries its own digest
 DIGEST = "digest"

@@ -78,7 +78,8 @@ def _check_compatible(parents: list[AdapterSnapshot]) -> None:
             ("task", a.task.type, b.task.type),
             ("label map", a.task.state.labels, b.task.state.labels),
             ("base", (a.base.identity, a.base.fingerprint), (b.base.identity, b.base.fingerprint)),
-            ("base quantization", a.base.quantization.model_dump(mode="json"), b.base.quantization.model_dump(mode="json")),
+            ("base quantization", a.base.quantization.model_dump(mode="json"),
+             b.base.quantization.model_dump(mode="json")),
         ]
         for what, left, right in pairs:
             if left != right:

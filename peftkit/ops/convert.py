@@ -83,13 +83,13 @@ def to_lora(registry: Registry, source: str, name: str, overwrite: bool = False,
     """Convert registered AdaLoRA adapter ``source`` into a LoRA adapter registered as ``name``."""
     from ..store.snapshot import read_snapshot
 
-    entry = registry.get(source)
+    # read once, verified: the metadata checked here and the weights converted come from the same bytes
+    entry = read_snapshot(registry, source, "`adalora to-lora` converts AdaLoRA adapters only")
     if entry.metadata.adapter.method != "adalora":
         raise PeftkitError(
             f"{source} is a {entry.metadata.adapter.method} adapter; `adalora to-lora` converts AdaLoRA "
             "adapters only"
         )
-    entry = read_snapshot(registry, source)  # the verified bytes are the ones converted
     target = registry.target(name)
     if not overwrite:
         registry.refuse_existing(name, "choose another --name or pass --overwrite")

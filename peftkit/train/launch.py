@@ -18,11 +18,11 @@ from ..errors import PeftkitError
 
 
 def refuse_fsdp_without_gpu() -> None:
-    """One line where accelerate would raise a traceback from inside Trainer: its FSDP plugin needs a GPU (or
-    another accelerator); on CPUs it refuses to start, whatever the number of processes (accelerate 1.x)."""
+    """One line where accelerate would raise a traceback from inside Trainer: its FSDP plugin needs an accelerator
+    (a GPU); on CPUs it refuses to start, whatever the number of processes (accelerate 1.x)."""
     import os
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.accelerator.is_available():
         from ..errors import PeftkitError
 
         raise PeftkitError("the accelerate config asks for FSDP, which runs on GPUs only, and this machine has none; "
