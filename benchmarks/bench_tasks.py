@@ -136,8 +136,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("qlora-loftq", "QLoRA NF4, LoftQ init", 4, "lora", (("init", "loftq"),)),
     # LoRA+'s published ratio (Hayou et al. 2024, and peft's create_loraplus_optimizer example): B at 16x A's lr
     Method("qlora-loraplus", "QLoRA NF4, LoRA+ 16", 4, "lora", (("loraplus_lr_ratio", 16),)),
-    # AdaLoRA's levers on the smallest sizes, where it trails LoRA (issue 14): LoRA's dropout, and no 2x lr
-    Method("adalora-dropout", "AdaLoRA fp32, dropout 0.05", None, "adalora", (("lora_dropout", 0.05),)),
+    # AdaLoRA's levers on the smallest sizes, where it trailed LoRA (issue 14): its dropout before 0.05 became the
+    # default (commit ba24ebc; the sweep's "adalora" runs are at 0.05), and no 2x lr
+    Method("adalora-dropout0", "AdaLoRA fp32, dropout 0 (the default before ba24ebc)", None, "adalora",
+           (("lora_dropout", 0.0),)),
     Method("adalora-lr1", "AdaLoRA fp32, adapter at 1x lr", None, "adalora", (("lr_scale", 1.0),)),
 ]}
 

@@ -50,10 +50,8 @@ class Target:
 TARGETS = [
     Target("a", "peftkit LoRA >= peer LoRA - 0.5", ("lora", "peftkit"), ("lora", "peer"), 0.5),
     Target("a'", "peftkit LoRA seed std <= peer's + 1", ("lora", "peftkit"), ("lora", "peer"), 1.0, "std"),
+    # "adalora" is the default recipe (dropout 0.05 since ba24ebc); the older dropout-0 runs are "adalora-dropout0"
     Target("b", "peftkit AdaLoRA >= peftkit LoRA - 0.5", ("adalora", "peftkit"), ("lora", "peftkit"), 0.5),
-    # the "adalora" rows ran at dropout 0, AdaLoRA's default until these rows made 0.05 the default
-    Target("b*", "peftkit AdaLoRA, dropout 0.05 (the default since 2026-12-02) >= peftkit LoRA - 0.5",
-           ("adalora-dropout", "peftkit"), ("lora", "peftkit"), 0.5),
     Target("c", "peftkit QLoRA NF4 >= peftkit LoRA fp32 - 1", ("qlora", "peftkit"), ("lora", "peftkit"), 1.0),
     Target("d", "peftkit LoRA >= full fine-tuning - 1 (2,000 rows up)", ("lora", "peftkit"), ("full", "peftkit"),
            1.0, min_rows=2000),

@@ -242,7 +242,7 @@ def test_lever_methods_are_their_method_plus_one_recipe_key(tmp_path: Path) -> N
 
     prepared = Prepared(TASKS["sst2"], tmp_path / "train.jsonl", tmp_path / "eval.jsonl", 1000, 872, ["0", "1"])
     levers = {"qlora-loftq": ("qlora", "init", "loftq"), "qlora-loraplus": ("qlora", "loraplus_lr_ratio", 16),
-              "adalora-dropout": ("adalora", "lora_dropout", 0.05), "adalora-lr1": ("adalora", "lr_scale", 1.0)}
+              "adalora-dropout0": ("adalora", "lora_dropout", 0.0), "adalora-lr1": ("adalora", "lr_scale", 1.0)}
     assert set(levers) == {name for name, m in METHODS.items() if m.adapter_options}
     for name, (plain, key, value) in levers.items():
         base = peftkit_recipe(prepared, METHODS[plain], 42, tmp_path)
