@@ -222,6 +222,11 @@ def test_every_field_is_checked(copy):
             "bits", 3),
         "surprise: extra inputs are not permitted": lambda m: m.__setitem__("surprise", 1),
         "task.type: value error, unknown task type": lambda m: m["task"].__setitem__("type", "nope"),
+        # the state is typed by its head's own schema (tasks/classification.py), not a shared list of keys
+        "state.format: extra inputs are not permitted (a classification head's state)": lambda m: m["task"][
+            "state"].__setitem__("format", "text"),
+        "state.labels.1: string should match pattern": lambda m: m["task"]["state"].__setitem__(
+            "labels", ["0", "`rm -rf`"]),
     }
     for expected, edit in bad.items():
         (folder / "peftkit.json").write_text(json.dumps(original))

@@ -24,9 +24,11 @@ import math
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, StringConstraints, ValidationError,
+                      field_validator, model_validator)
 
 from ..errors import PeftkitError
+from ..tasks.base import HeadState, StateText
 from .recipe import Dtype, QuantizationSection, Recipe
 
 if TYPE_CHECKING:
@@ -75,7 +77,7 @@ def _timestamp(text: str) -> str:
 
 
 JsonDict = Annotated[dict[str, Any], AfterValidator(_finite_json)]
-Line = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f`]*$")]  # text that lands in a model card
+Line = StateText  # text that lands in a model card: one line, no control characters, no backquote
 AdapterName = Annotated[str, AfterValidator(_adapter_name)]
 FolderName = Annotated[str, StringConstraints(pattern=r"^[^/\\\x00-\x1f\x7f`]+$")]  # an export's or merge's --out
 ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]+$")]
@@ -94,18 +96,27 @@ class _Schema(BaseModel):
         return self.model_dump(mode="json", exclude_unset=True)
 
 
-class TaskState(_Schema):
-    """What a task head learned from the data (peftkit.tasks): a classifier's labels, a causal LM's data format."""
-
-    labels: Optional[list[Line]] = None
-    label_names: Optional[dict[str, Line]] = None
-    format: Optional[Line] = None
-
-
 class TaskInfo(_Schema):
     type: str
     options: JsonDict
-    state: TaskState
+    # what the head learned from the data, typed by the head's own schema (``TaskHead.State``: a classifier's
+    # labels, a causal LM's data format), so that a new head brings its state's schema in its own file
+    state: SerializeAsAny[HeadState]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _state_of_its_head(cls, data: Any) -> Any:
+        from ..tasks import task_types
+
+        if isinstance(data, dict) and isinstance(data.get("state"), dict) and data.get("type") in task_types():
+            head = task_types()[data["type"]]
+            try:
+                data = {**data, "state": head.State.model_validate(data["state"])}
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(["state", *(str(part) for part in error["loc"])])
+                raise ValueError(f"{where}: {_message(error['msg'])} (a {head.name} head's state)") from None
+        return data
 
     def head(self) -> "TaskHead":
         """The task head the adapter was trained with, with what it learned from the data."""

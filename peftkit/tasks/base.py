@@ -9,9 +9,9 @@ a batch, which is why AdaLoRA's orthogonal regularization can be added to any he
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from ..errors import PeftkitError
 
@@ -23,9 +23,25 @@ class HeadOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# text stored in peftkit.json that may land in a model card: one line, no control characters, no backquote
+StateText = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f`]*$")]
+
+
+class HeadState(BaseModel):
+    """The schema of what a head learns from the data (``TaskHead.state``), saved in ``peftkit.json`` and checked
+    on every read like the rest of it: strict, no unknown keys, finite numbers. Each head declares its own
+    subclass as ``State``, so a new head's state is typed in the head's own file."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
 class TaskHead(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[HeadOptions]]
+    State: ClassVar[type[HeadState]] = HeadState  # what ``state`` may hold once fitted (checked on save and load)
     peft_task_type: ClassVar[str]
     # role -> column names tried, in order, when data.columns does not map the role
     roles: ClassVar[dict[str, tuple[str, ...]]]

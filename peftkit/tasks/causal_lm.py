@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Literal, Optional
 
-from .base import HeadOptions, TaskHead
+from .base import HeadOptions, HeadState, TaskHead
 
 IGNORE = -100
 
@@ -24,6 +24,10 @@ class CausalLMOptions(HeadOptions):
     mask_prompt: bool = True
     chat_template: Literal["auto", "never"] = "auto"
     pack: bool = True
+
+
+class CausalLMState(HeadState):
+    format: Literal["text", "instruction"]
 
 
 def _token_ids(encoded: Any) -> list[int]:
@@ -36,6 +40,7 @@ def _token_ids(encoded: Any) -> list[int]:
 class CausalLM(TaskHead):
     name = "causal_lm"
     Options = CausalLMOptions
+    State = CausalLMState
     peft_task_type = "CAUSAL_LM"
     generates = True
     roles = {

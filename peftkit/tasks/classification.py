@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from ..errors import PeftkitError
 from ..metrics import classification_scores
-from .base import HeadOptions, TaskHead
+from .base import HeadOptions, HeadState, StateText, TaskHead
 
 
 def _label_key(value: Any) -> str:
@@ -64,6 +64,11 @@ class ClassificationOptions(HeadOptions):
         return names
 
 
+class ClassificationState(HeadState):
+    labels: list[StateText]  # in id order
+    label_names: Optional[dict[str, StateText]] = None
+
+
 def _shown(labels: list[str], limit: int = 10) -> str:
     more = f", ... ({len(labels)} in all)" if len(labels) > limit else ""
     return ", ".join(labels[:limit]) + more
@@ -78,6 +83,7 @@ def _sorted_labels(values: set[str]) -> list[str]:
 class Classification(TaskHead):
     name = "classification"
     Options = ClassificationOptions
+    State = ClassificationState
     peft_task_type = "SEQ_CLS"
     roles = {
         "text": ("text", "sentence", "sentence1", "question", "question1", "premise"),
