@@ -207,11 +207,11 @@ def _load_source(source: DataSource, task: TaskHead, seed: int, key: str) -> tup
     """(train, eval, where the eval rows came from, rows to learn the labels from), role-named, of one data set."""
     train = load_rows(source.train, source, f"{key}train", source.split)
     columns = task.resolve_columns(train.column_names, source.columns, source.train, key)
-    check_filled(train, columns, task.required_roles, source.train, f"{key}train")
+    check_filled(train, columns, task.filled_roles(), source.train, f"{key}train")
     if source.eval is not None:
         eval_ = load_rows(source.eval, source, f"{key}eval", source.eval_split or source.split)
         eval_columns = task.resolve_columns(eval_.column_names, source.columns, source.eval, key)
-        check_filled(eval_, eval_columns, task.required_roles, source.eval, f"{key}eval")
+        check_filled(eval_, eval_columns, task.filled_roles(), source.eval, f"{key}eval")
         eval_source = source.eval
     else:
         if len(train) < 2:

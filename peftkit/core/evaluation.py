@@ -68,7 +68,7 @@ def evaluate_file(loaded: Any, path: str, group_by: Optional[str] = None, batch_
     recipe, task = loaded.recipe, loaded.task
     rows = load_rows(path, recipe.data, "--data", recipe.data.split)
     columns = task.resolve_columns(rows.column_names, recipe.data.columns, path)
-    check_filled(rows, columns, task.required_roles, path, "--data")
+    check_filled(rows, columns, task.filled_roles(), path, "--data")
     groups = None
     if group_by is not None:
         if group_by not in rows.column_names:

@@ -70,11 +70,10 @@ def base_arguments(metadata: AdapterMetadata) -> list[list[tuple[str, Any, str]]
     import torch
 
     from ..core.models import bnb_config, torch_dtype
-    from ..tasks.classification import display_labels
 
     dtype = torch_dtype(metadata.base.dtype)
     groups = [[("dtype", dtype, _dtype_code(dtype))]]
-    labels = display_labels(metadata.task.state.to_json())
+    labels = metadata.task.head().output_labels()
     if labels:
         id2label = {i: name for i, name in enumerate(labels)}
         label2id = {name: i for i, name in enumerate(labels)}

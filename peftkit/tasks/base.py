@@ -46,6 +46,8 @@ class TaskHead(ABC):
     # role -> column names tried, in order, when data.columns does not map the role
     roles: ClassVar[dict[str, tuple[str, ...]]]
     required_roles: ClassVar[tuple[str, ...]]
+    # required roles whose cells may be empty (a multi-label row without labels): their column must exist
+    optional_cells: ClassVar[tuple[str, ...]] = ()
     # modules that belong to the head: trained in full, saved with the adapter, never quantized
     head_module_names: ClassVar[tuple[str, ...]] = ()
     key_metric: ClassVar[tuple[str, str]]  # (metric, "max" or "min")
@@ -88,6 +90,10 @@ class TaskHead(ABC):
             )
         return resolved
 
+    def filled_roles(self) -> tuple[str, ...]:
+        """The roles whose every cell must hold a value (checked when the data loads)."""
+        return tuple(role for role in self.required_roles if role not in self.optional_cells)
+
     def fit(self, train_rows: Any, eval_rows: Any, eval_source: str) -> None:
         """Learn from the raw (role-named) data what the head needs; check the eval data against it."""
 
@@ -100,6 +106,11 @@ class TaskHead(ABC):
         """Pad a list of encoded rows into a batch."""
 
     # ---- model -----------------------------------------------------------------------------------------
+
+    def output_labels(self) -> list[str]:
+        """The names of the model's outputs, in order, for its config's ``id2label`` (and model cards); empty for
+        a head whose outputs are no label map (a language model's vocabulary)."""
+        return []
 
     @abstractmethod
     def load_model(self, load: Callable[..., Any], tokenizer: Any) -> Any:

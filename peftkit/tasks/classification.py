@@ -14,7 +14,8 @@ from pydantic import Field, field_validator
 
 from ..errors import PeftkitError
 from ..metrics import classification_scores
-from .base import HeadOptions, HeadState, StateText, TaskHead
+from .base import HeadOptions, HeadState, StateText
+from .pooled import PooledHead
 
 
 def _label_key(value: Any) -> str:
@@ -80,24 +81,23 @@ def _sorted_labels(values: set[str]) -> list[str]:
     return sorted(values)
 
 
-class Classification(TaskHead):
+class Classification(PooledHead):
     name = "classification"
     Options = ClassificationOptions
     State = ClassificationState
-    peft_task_type = "SEQ_CLS"
-    roles = {
-        "text": ("text", "sentence", "sentence1", "question", "question1", "premise"),
-        "text_pair": ("text_pair", "sentence2", "question2", "hypothesis"),
-        "label": ("label", "labels", "Label", "class"),
-    }
-    required_roles = ("text", "label")
-    head_module_names = ("classifier", "score")
-    serve_fields = ("text", "text_pair")
+    problem_type = "single_label_classification"
     key_metric = ("accuracy", "max")
 
     @property
     def labels(self) -> list[str]:
         return self.state["labels"]
+
+    @property
+    def width(self) -> int:
+        return len(self.labels)
+
+    def output_labels(self) -> list[str]:
+        return display_labels(self.state)
 
     def fit(self, train_rows: Any, eval_rows: Any, eval_source: str) -> None:
         if "labels" not in self.state:
@@ -128,93 +128,39 @@ class Classification(TaskHead):
                         f"({_shown(self.labels)}); fix that row or list the label in task.labels"
                     )
 
-    def encode(self, rows: dict[str, list], tokenizer: Any, max_length: int) -> dict[str, list]:
-        pair = rows.get("text_pair")
-        features = tokenizer(
-            [str(t) for t in rows["text"]],
-            [str(t) for t in pair] if pair is not None else None,
-            truncation=True,
-            max_length=max_length,
-        )
-        ids = {name: i for i, name in enumerate(self.labels)}
-        if "label" in rows:
-            features["labels"] = [ids[_label_key(v)] for v in rows["label"]]
-        return dict(features)
+    def target(self, value: Any) -> int:
+        ids = self.__dict__.get("_ids")
+        if ids is None or len(ids) != len(self.labels):
+            ids = self.__dict__["_ids"] = {name: i for i, name in enumerate(self.labels)}
+        return ids[_label_key(value)]
 
-    def collate(self, features: list[dict[str, Any]], tokenizer: Any) -> dict[str, Any]:
-        return tokenizer.pad(features, return_tensors="pt")
+    def target_tensor(self, targets: list[Any]) -> Any:
+        import torch
 
-    def load_model(self, load: Callable[..., Any], tokenizer: Any) -> Any:
-        from transformers import AutoModelForSequenceClassification
+        return torch.tensor(targets, dtype=torch.long)
 
-        shown = display_labels(self.state)
-        model = load(
-            AutoModelForSequenceClassification,
-            num_labels=len(shown),
-            id2label=dict(enumerate(shown)),
-            label2id={name: i for i, name in enumerate(shown)},
-        )
-        if model.config.pad_token_id is None:  # decoder models pool at the last non-pad token
-            model.config.pad_token_id = tokenizer.pad_token_id
-        return model
+    def targets_from_floats(self, floats: Any) -> Any:
+        return floats[:, 0].round().long()
+
+    def row_losses(self, logits: Any, targets: Any) -> Any:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits, targets, reduction="none")
 
     def loss(self, outputs: Any, batch: dict[str, Any]) -> Any:
         import torch.nn.functional as F
 
+        # the mean of row_losses, computed as before the pooled family existed (cross_entropy's own mean), so that
+        # runs stay bit-identical to the stored benchmark runs
         return F.cross_entropy(outputs.logits.float(), batch["labels"])
 
-    def eval_batch(self, outputs: Any, batch: dict[str, Any]) -> dict[str, Any]:
-        import torch.nn.functional as F
-
-        logits = outputs.logits.float()
-        return {
-            "loss": F.cross_entropy(logits, batch["labels"], reduction="none"),
-            "pred": logits.argmax(-1),
-            "label": batch["labels"],
-        }
+    def eval_rows(self, logits: Any, targets: Any) -> dict[str, Any]:
+        return {"loss": self.row_losses(logits, targets), "pred": logits.argmax(-1), "label": targets}
 
     def metrics(self, collected: dict[str, Any]) -> dict[str, float]:
         preds = collected["pred"].tolist()
         labels = collected["label"].tolist()
         return {**classification_scores(preds, labels, len(self.labels)), "loss": float(collected["loss"].mean())}
-
-    # ---- serving --------------------------------------------------------------------------------------
-
-    def serve_encode(self, fields: dict[str, Any], tokenizer: Any, max_length: Optional[int]
-                     ) -> tuple[list[int], Optional[list[int]]]:
-        rows = {"text": [fields["text"]]}
-        if fields.get("text_pair") is not None:
-            rows["text_pair"] = [fields["text_pair"]]
-        enc = self.encode(rows, tokenizer, max_length)
-        types = enc.get("token_type_ids")
-        return list(enc["input_ids"][0]), list(types[0]) if types is not None else None
-
-    def shared_head(self, adapter: str, state: dict[str, Any], shared_model: Any) -> tuple[Any, Optional[str]]:
-        """The adapter's own linear head (peft's modules_to_save would be one module shared by all adapters)."""
-        import torch
-        from torch import nn
-
-        roots = sorted({k.split(".")[0] for k in state})
-        shapes = {k.split(".", 1)[1] for k in state}
-        if len(roots) != 1 or not shapes <= {"weight", "bias"} or "weight" not in shapes:
-            raise PeftkitError(
-                f"{adapter}: its classification head ({', '.join(sorted(state)) or 'none saved'}) is not one linear "
-                "layer; shared serving supports BERT-style pooled classifiers and decoder score heads"
-            )
-        root = roots[0]
-        weight = state[f"{root}.weight"]
-        bias = state.get(f"{root}.bias")
-        head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-        with torch.no_grad():
-            head.weight.copy_(weight)
-            if bias is not None:
-                head.bias.copy_(bias)
-        if len(self.state.get("labels", [])) != weight.shape[0]:
-            raise PeftkitError(f"{adapter}: its head has {weight.shape[0]} outputs but its metadata lists "
-                               f"{len(self.state.get('labels', []))} labels; the adapter folder is inconsistent")
-        # BERT-style models classify the pooled [CLS] output; decoders (score) the last non-pad token's state
-        pooled = getattr(shared_model, "pooler", None) is not None and root == "classifier"
-        return head.eval().requires_grad_(False), "pooler" if pooled else "last_token"
 
     def serve_prediction(self, logits: Any, input_ids: Callable[[], list[int]]) -> dict[str, Any]:
         import torch
