@@ -48,6 +48,10 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny.build_llama(root / "llama")
     tiny.write_tsv(root / "cls_train.tsv", tiny.sentiment_rows(256, seed=1))
     tiny.write_tsv(root / "cls_dev.tsv", tiny.sentiment_rows(64, seed=2))
+    tiny.write_tsv(root / "reg_train.tsv", tiny.scored_rows(256, seed=5))
+    tiny.write_tsv(root / "reg_dev.tsv", tiny.scored_rows(64, seed=6))
+    tiny.write_tsv(root / "ml_train.tsv", tiny.labelled_set_rows(256, seed=7))
+    tiny.write_tsv(root / "ml_dev.tsv", tiny.labelled_set_rows(64, seed=8))
     tiny.write_instructions(root / "instruct.json", 96, seed=3)
     tiny.write_text(root / "text.txt", 200, seed=4)
     return root
@@ -68,12 +72,13 @@ ADAPTERS = {
 def make_recipe(tiny_dir: Path, out: Path, task: str = "classification", quant: str = "fp32",
                 adapter: str | None = "lora", **sections: Any) -> dict[str, Any]:
     """A recipe (as a dict) for the tiny models; keyword sections are deep-merged over the defaults."""
-    if task == "classification":
+    pooled = {"classification": "cls", "regression": "reg", "multi_label": "ml"}
+    if task in pooled:
         recipe = {
             "base": {"model": str(tiny_dir / "bert")},
-            "task": {"type": "classification"},
-            "data": {"train": str(tiny_dir / "cls_train.tsv"), "eval": str(tiny_dir / "cls_dev.tsv"),
-                     "max_length": 32},
+            "task": {"type": task},
+            "data": {"train": str(tiny_dir / f"{pooled[task]}_train.tsv"),
+                     "eval": str(tiny_dir / f"{pooled[task]}_dev.tsv"), "max_length": 32},
         }
     else:
         recipe = {

@@ -89,7 +89,7 @@ def test_incompatible_parents_are_refused(registry, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["task"]["state"]["labels"] = ["neg", "pos"]
     seal(meta_path.parent, meta)
-    with pytest.raises(PeftkitError, match=r'^a and b have different label maps \(\["0", "1"\] and \["neg", "pos"\]\); '
+    with pytest.raises(PeftkitError, match=r'^a and b have different head states \({"labels": \["0", "1"\]} and {"labels": \["neg", "pos"\]}\); '
                                            r"only adapters trained for the same task on the same base can be combined$"):
         combine(other, ["a", "b"], [0.5, 0.5], "linear", "x")
     meta["task"]["state"]["labels"] = ["0", "1"]

@@ -281,7 +281,9 @@ def test_quantized_base_without_adapter_is_refused(bits):
     "task, expected",
     [
         ({"type": "clasification"}, "task.type: unknown task 'clasification'; did you mean `classification`?"),
-        ({"type": "regression"}, "task.type: unknown task 'regression'; use one of: causal_lm, classification"),
+        ({"type": "ranking"},
+         "task.type: unknown task 'ranking'; use one of: causal_lm, classification, multi_label, regression"),
+        ({"type": "regresion"}, "task.type: unknown task 'regresion'; did you mean `regression`?"),
         ({"type": "classification", "lables": ["a", "b"]}, "task.lables: unknown key; did you mean `labels`?"),
         ({"type": "classification", "pack": True},
          "task.pack: unknown key; classification options are: type, labels, label_names"),

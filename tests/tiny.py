@@ -88,6 +88,32 @@ def sentiment_rows(n: int, seed: int, pair: bool = False) -> list[dict]:
     return rows
 
 
+def scored_rows(n: int, seed: int) -> list[dict]:
+    """Regression rows: 2.5 plus the number of positive words minus the number of negative ones (0.5 to 4.5, as
+    STS-B's 0 to 5)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        good, bad = rng.randint(0, 2), rng.randint(0, 2)
+        words = rng.sample(FILLER, 5) + rng.sample(POSITIVE, good) + rng.sample(NEGATIVE, bad)
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "score": f"{2.5 + good - bad:.1f}"})
+    return rows
+
+
+def labelled_set_rows(n: int, seed: int) -> list[dict]:
+    """Multi-label rows: "pos" when a positive word is there (most rows), "neg" for a negative one (a quarter of
+    them); both, one or none. Unequal shares, so a head's biases alone can lower the loss a little."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        labels = [name for name, share in (("pos", 0.8), ("neg", 0.25)) if rng.random() < share]
+        words = rng.sample(FILLER, 6) + [rng.choice(POSITIVE if name == "pos" else NEGATIVE) for name in labels]
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "labels": ",".join(labels)})
+    return rows
+
+
 def write_tsv(path: Path, rows: list[dict]) -> Path:
     columns = list(rows[0])
     lines = ["\t".join(columns)] + ["\t".join(str(r[c]) for c in columns) for r in rows]

@@ -76,7 +76,7 @@ def _check_compatible(parents: list[AdapterSnapshot]) -> None:
         a, b = first.metadata, other.metadata
         pairs = [
             ("task", a.task.type, b.task.type),
-            ("label map", a.task.state.labels, b.task.state.labels),
+            ("head state", a.task.state.to_json(), b.task.state.to_json()),  # labels; a regressor's target scale
             ("base", (a.base.identity, a.base.fingerprint), (b.base.identity, b.base.fingerprint)),
             ("base quantization", a.base.quantization.model_dump(mode="json"),
              b.base.quantization.model_dump(mode="json")),

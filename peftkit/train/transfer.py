@@ -96,11 +96,12 @@ def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: li
 
 
 def _head_decision(choice: str, parent: AdapterMetadata, task: TaskHead, source: str) -> str:
-    same = parent.task.type == task.name and parent.task.state.labels == task.state.get("labels")
+    # the whole state, not only labels: a regressor's head is fitted to its targets' scale (mean, std)
+    same = parent.task.type == task.name and parent.task.state.to_json() == task.state
     if choice == "keep" and not same:
         raise PeftkitError(
             f"adapter.init_head: keep needs the same task and labels as {source} "
-            f"({parent.task.state.labels} there, {task.state.get('labels')} here); "
+            f"({parent.task.type} {parent.task.state.to_json()} there, {task.name} {task.state} here); "
             "set adapter.init_head: reinit"
         )
     if choice == "auto":
