@@ -63,13 +63,14 @@ import torch
 from transformers import TrainerCallback
 
 from common import emit_result, fail
-from peftkit.metrics import classification_scores
+from peftkit.metrics import classification_scores, regression_scores
 from run_peftkit import adapter_parameters_kept
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "SST-2"
 ADAPTER = "default"
 # what the naive peer takes; the other flags are the careful peer's alone
-CAREFUL_ONLY = ("head_lr", "adapter_lr_scale", "targets", "orthogonal_init", "init", "loraplus_lr_ratio", "sampling")
+CAREFUL_ONLY = ("head_lr", "adapter_lr_scale", "targets", "orthogonal_init", "init", "loraplus_lr_ratio", "sampling",
+                "start_at_mean")
 
 
 def read_tsv(path: Path, limit: int | None, seed: int) -> list[dict[str, Any]]:
@@ -94,7 +95,7 @@ def phase(text: str) -> Union[int, float]:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Hand-written peft + Trainer fine-tuning (the peers)")
     p.add_argument("--peer", choices=["careful", "naive"], default="careful")
-    p.add_argument("--task", choices=["classification", "causal_lm"], default="classification")
+    p.add_argument("--task", choices=["classification", "regression", "causal_lm"], default="classification")
     p.add_argument("--model-dir", help="a Hugging Face model folder; default the packaged MiniLM")
     p.add_argument("--train", help="JSON lines; default SST-2's train.tsv (--rows of it)")
     p.add_argument("--eval", help="JSON lines; default SST-2's dev.tsv")
@@ -131,6 +132,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--init", choices=["default", "gaussian", "loftq"],
                    help="careful: LoRA's A and B at peft's default, gaussian, or LoftQ's correction (4-bit)")
     p.add_argument("--loraplus-lr-ratio", type=float, help="careful: LoRA+, the B matrices at this multiple of --lr")
+    p.add_argument("--start-at-mean", action="store_true",
+                   help="careful, regression: the output's bias starts at the training targets' mean")
     p.add_argument("--sampling", choices=["group_by_length", "random"],
                    help="careful: Trainer's train_sampling_strategy (default group_by_length; random for ablations)")
     p.add_argument("--seed", type=int, default=42)
@@ -334,7 +337,8 @@ def build(args: argparse.Namespace) -> Built:
         tokenizer.pad_token = tokenizer.eos_token
     train_rows = read_jsonl(args.train) if args.train else read_tsv(SHARED / "train.tsv", args.rows, args.seed)
     eval_rows = read_jsonl(args.eval) if args.eval else read_tsv(SHARED / "dev.tsv", None, args.seed)
-    classification = args.task == "classification"
+    classification = args.task in ("classification", "regression")  # a pooled head either way
+    regression = args.task == "regression"
     heads = ["classifier", "score"] if classification else []
     quant = None
     if args.bits == 4:
@@ -343,15 +347,23 @@ def build(args: argparse.Namespace) -> Built:
     elif args.bits == 8:
         quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=heads or None)
     placement = {"device_map": {"": 0}} if (quant is not None and cuda) else {}
-    if classification:
+    if regression:  # transformers' own regression head: one output, MSE in the model's loss
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, problem_type="regression",
+                                                                   quantization_config=quant, **placement)
+        if args.start_at_mean:
+            mean = sum(float(r["label"]) for r in train_rows) / len(train_rows)
+            head = model.classifier if hasattr(model, "classifier") else model.score
+            with torch.no_grad():
+                head.bias.fill_(mean)
+    elif classification:
         labels = args.labels.split(",") if args.labels else sorted({str(r["label"]) for r in train_rows})
         label_id = {name: i for i, name in enumerate(labels)}
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels),
                                                                    quantization_config=quant, **placement)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, **placement)
+    if classification and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     base_memory = model.get_memory_footprint()
     if quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -363,7 +375,8 @@ def build(args: argparse.Namespace) -> Built:
             return Dataset.from_list([e for e in encoded if any(t != -100 for t in e["labels"])])
         pair = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
         features = tokenizer([r["text"] for r in rows], pair, truncation=True, max_length=args.max_length)
-        return Dataset.from_dict({**features, "labels": [label_id[str(r["label"])] for r in rows]})
+        targets = [float(r["label"]) for r in rows] if regression else [label_id[str(r["label"])] for r in rows]
+        return Dataset.from_dict({**features, "labels": targets})
 
     train, dev = encode(train_rows), encode(eval_rows)
     per_epoch = math.ceil(len(train) / args.batch_size)
@@ -433,7 +446,10 @@ def train_and_evaluate(built: Built, args: argparse.Namespace) -> dict[str, Any]
     seconds = built.timer.seconds
     # accelerate's data loader fetches one batch ahead, so a max_steps run collates one batch it never trains on
     examples = min(built.collator.rows, built.steps * args.batch_size)
-    if args.task == "classification":
+    if args.task == "regression":
+        predictions = built.trainer.predict(built.dev)
+        metrics = regression_scores(predictions.predictions.reshape(-1).tolist(), predictions.label_ids.tolist())
+    elif args.task == "classification":
         predictions = built.trainer.predict(built.dev)
         logits = predictions.predictions
         metrics = classification_scores(logits.argmax(-1).tolist(), predictions.label_ids.tolist(), logits.shape[-1])

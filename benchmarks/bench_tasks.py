@@ -47,6 +47,12 @@ def read_mrpc(split: str) -> list[dict[str, str]]:
     return [{"text": _clean(r[3]), "text_pair": _clean(r[4]), "label": r[0]} for r in rows]
 
 
+def read_stsb(split: str) -> list[dict[str, str]]:
+    # columns: index, genre, filename, year, old_index, source1, source2, sentence1, sentence2, score (0-5)
+    rows = _tsv(DATA_ROOT[0] / "glue" / "STS-B" / f"{'train' if split == 'train' else 'dev'}.tsv")
+    return [{"text": _clean(r[7]), "text_pair": _clean(r[8]), "label": r[9]} for r in rows]
+
+
 def read_agnews(split: str) -> list[dict[str, str]]:
     rows = _tsv(DATA_ROOT[0] / "agnews" / f"{'train' if split == 'train' else 'test'}.tsv", header=False)
     return [{"text": _clean(r[0]), "label": r[1]} for r in rows]
@@ -82,10 +88,10 @@ def _held_out(n_rows: int, n_eval: int, split: str) -> list[int]:
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str  # "classification" or "causal_lm"
+    kind: str  # "classification", "regression" or "causal_lm"
     model: str  # a packaged peftkit model name
     read: Callable[[str], list[dict[str, str]]]
-    metric: str  # what the tables compare: accuracy, matthews, macro_f1 (higher is better) or loss (lower is better)
+    metric: str  # what the tables compare: accuracy, matthews, macro_f1, pearson (higher is better), loss (lower)
     train_rows: int
     eval_rows: Optional[int]
     max_length: int
@@ -111,6 +117,8 @@ TASKS: dict[str, TaskSpec] = {
     # SMS rows (1.8 %; median 22 tokens, longest 117)
     "cola": TaskSpec("cola", "classification", "minilm", read_cola, "matthews", 2000, None, 64, 32, 1e-3, 1e-4),
     "sms": TaskSpec("sms", "classification", "minilm", read_sms, "macro_f1", 2000, None, 64, 32, 1e-3, 1e-4),
+    # STS-B's pairs: 2 of the 5,749 training pairs pass 128 MiniLM tokens
+    "stsb": TaskSpec("stsb", "regression", "minilm", read_stsb, "pearson", 2000, None, 128, 32, 1e-3, 1e-4),
     "alpaca": TaskSpec("alpaca", "causal_lm", "smollm2-135m", read_alpaca, "loss", 999, 24, 96, 4, 2e-4, 2e-5,
                        r=16, max_steps=8, eval_batch_size=8),
 }
@@ -124,6 +132,7 @@ class Method:
     adapter: Optional[str]  # None: full fine-tuning
     # adapter keys beyond peftkit's defaults: the levers issue 14 asks to measure before any becomes a default
     adapter_options: tuple[tuple[str, Any], ...] = ()
+    task_options: tuple[tuple[str, Any], ...] = ()  # task keys beyond the head's defaults (a regressor's start)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -141,6 +150,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("adalora-dropout0", "AdaLoRA fp32, dropout 0 (the default before ba24ebc)", None, "adalora",
            (("lora_dropout", 0.0),)),
     Method("adalora-lr1", "AdaLoRA fp32, adapter at 1x lr", None, "adalora", (("lr_scale", 1.0),)),
+    # a regressor's output bias at 0 instead of the training targets' mean (peftkit/tasks/regression.py)
+    Method("lora-start0", "LoRA fp32, regressor starting at 0", None, "lora", task_options=(("start_at_mean", False),)),
 ]}
 
 
@@ -204,6 +215,9 @@ def peftkit_recipe(prepared: Prepared, method: Method, seed: int, out: Path, epo
         task_section: dict[str, Any] = {"type": "classification", "labels": prepared.labels}
         columns = {"text": "text", "label": "label", **({"text_pair": "text_pair"} if task.name in ("rte", "mrpc")
                                                          else {})}
+    elif task.kind == "regression":
+        task_section = {"type": "regression", **dict(method.task_options)}
+        columns = {"text": "text", "text_pair": "text_pair", "label": "label"}
     else:
         task_section = {"type": "causal_lm", "format": "instruction", "mask_prompt": True}
         columns = {"prompt": "instruction", "input": "input", "response": "output"}
@@ -250,6 +264,8 @@ def baseline_flags(recipe: dict[str, Any], model_dir: Path, peer: str = "careful
         flags += ["--labels", ",".join(labels)]
     if peer == "naive":
         return flags
+    if rec.task.type == "regression" and rec.task.options().get("start_at_mean", True):
+        flags += ["--start-at-mean"]
     _check_reproducible(rec)
     flags += ["--weight-decay", str(t.weight_decay), "--scheduler", t.scheduler, "--warmup-ratio", str(t.warmup_ratio),
               "--max-grad-norm", str(t.max_grad_norm or 0)]

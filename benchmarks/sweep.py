@@ -87,7 +87,7 @@ class Cell:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, metavar="TASK",
-                   help=f"classification tasks, in the order they run (default {' '.join(DEFAULT_TASKS)})")
+                   help=f"classification or regression tasks, in the order they run (default {' '.join(DEFAULT_TASKS)})")
     p.add_argument("--rows", nargs="+", type=int, metavar="N",
                    help="training sizes for every task (default: 250 ... 8,000 for sst2 and agnews, 1,000 and "
                         "4,000 for the others); a size above a task's rows means all of them")
@@ -108,8 +108,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for name in args.tasks:
         if name not in TASKS:
             fail(f"--tasks: unknown task {name!r}; choose among {', '.join(TASKS)}")
-        if TASKS[name].kind != "classification":
-            fail(f"--tasks: {name} is not a classification task; the sweep compares classification tasks")
+        if TASKS[name].kind not in ("classification", "regression"):
+            fail(f"--tasks: {name} is a {TASKS[name].kind} task; the sweep compares classifiers and regressors")
     for name in args.methods or []:
         if name not in METHODS:
             fail(f"--methods: unknown method {name!r}; choose among {', '.join(METHODS)}")

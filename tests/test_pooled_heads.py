@@ -183,3 +183,42 @@ def test_multi_label_recipe_from_the_command_line(tiny_dir, tmp_path):
     meta = json.loads((tmp_path / "adapters" / "tiny" / "peftkit.json").read_text())
     assert meta["task"]["type"] == "multi_label" and meta["task"]["state"]["labels"] == ["neg", "pos"]
     assert math.isfinite(meta["history"][-1]["micro_f1"])
+
+
+@pytest.mark.parametrize("name", ["score", "tags"])
+def test_export_and_merge_give_plain_peft_and_transformers_the_same_outputs(registry, name, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from peftkit.ops.export import export
+    from peftkit.ops.merge import merge
+    from tests.test_export import FRESH_PROCESS
+
+    texts = ["good great film", "bad awful", "the king and good"]
+    loaded = load_trained(registry.folder(name))
+    batch = loaded.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = loaded.model(**batch).logits
+
+    result = export(registry, name, "peft", tmp_path / "export")
+    env = {**os.environ, "PYTHONPATH": ""}
+    fresh = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "export"), json.dumps(texts),
+                            "dequantized"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    torch.testing.assert_close(torch.tensor(json.loads(fresh.stdout.strip().splitlines()[-1])), expected,
+                               rtol=1e-5, atol=1e-5)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card
+    labels = {"score": "{0: 'score'}", "tags": "{0: 'neg', 1: 'pos'}"}[name]
+    assert f"id2label={labels}" in card, card
+    assert result["check"]["max_rel_diff"] < 1e-5
+
+    merged = merge(registry, name, tmp_path / "merged", rows=16)
+    from transformers import AutoModelForSequenceClassification
+
+    plain = AutoModelForSequenceClassification.from_pretrained(merged.folder).eval()
+    problem = {"score": "regression", "tags": "multi_label_classification"}[name]
+    assert plain.config.problem_type == problem
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-4, atol=1e-4)
