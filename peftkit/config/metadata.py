@@ -258,7 +258,7 @@ def parse(metadata: dict[str, Any]) -> tuple[Optional[StoredMetadata], list[str]
     except ValidationError as exc:
         return None, [f"{'.'.join(str(part) for part in e['loc'])}: {_message(e['msg'])}" for e in exc.errors()]
     recipe_task = {k: v for k, v in metadata["recipe"]["task"].items() if k != "type"}
-    found = (validate_task_options(model.task.type, model.task.options)
+    found = (validate_task_options(model.task.type, model.task.options, internal=True)
              + [f"recipe.{p}" for p in validate_task_options(metadata["recipe"]["task"]["type"], recipe_task)])
     return (None if found else model), found
 

@@ -229,6 +229,9 @@ class DataSource(Section):
     split: str = Field("train", description="split to read from a hub data set")
     eval_split: Optional[str] = None
     encoding: str = "utf-8"
+    # a second data set's own head (data.also[i].task); the first data set's head is the recipe's task section
+    task: Optional[TaskSection] = Field(None, description="this data set's head (data.also only); default: the "
+                                                          "task section's type, fitted to this data set's labels")
 
     def label(self) -> str:
         if self.name:
@@ -244,6 +247,13 @@ class DataSection(DataSource):
 
     max_length: int = Field(128, ge=8, le=1_048_576)
     also: list[DataSource] = Field(default_factory=list, description="more data sets for the same adapter")
+    heads: Literal["per_dataset", "shared"] = Field(
+        "per_dataset", description="with data.also: one head per data set (its own labels and task type), or one "
+                                   "head over the union of their labels")
+    sampling: Literal["size", "temperature"] = Field(
+        "size", description="with data.also: each data set's share of the training rows, as its size or as "
+                            "size^(1/temperature) (small data sets drawn more often)")
+    temperature: float = Field(2.0, gt=0, le=1000, description="for sampling: temperature; 1 is sampling by size")
 
     def sources(self) -> list[DataSource]:
         return [self, *self.also]
@@ -254,6 +264,16 @@ class DataSection(DataSource):
         repeated = next((label for label in labels if labels.count(label) > 1), None)
         if repeated is not None:
             raise SectionProblems([("also", f"two data sets are called {repeated!r}; give each a distinct name")])
+        problems = []
+        if self.task is not None:
+            problems.append(("task", "the first data set's head is the recipe's task section; move it there"))
+        if self.heads == "shared":
+            problems += [(f"also.{i}.task", "one shared head has the task section's type and labels; remove this "
+                          "or set data.heads: per_dataset") for i, s in enumerate(self.also) if s.task is not None]
+        if not self.also and self.sampling != "size":
+            problems.append(("sampling", "only several data sets (data.also) are sampled; remove it"))
+        if problems:
+            raise SectionProblems(problems)
         return self
 
 
@@ -470,15 +490,24 @@ def build_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     except ValidationError as exc:
         problems = [line for e in exc.errors() for line in describe_error(e, Recipe, (LoraSection, AdaLoraSection))]
         recipe = None
-    task = data.get("task") if isinstance(data.get("task"), dict) else None
-    if task is not None and isinstance(task.get("type"), str):
-        from ..tasks import validate_task_options
+    from ..tasks import validate_task_options
 
-        problems.extend(validate_task_options(task["type"], {k: v for k, v in task.items() if k != "type"}))
+    for key, task in _task_sections(data):
+        problems.extend(validate_task_options(task["type"], {k: v for k, v in task.items() if k != "type"}, key))
     if problems:
         raise RecipeError(source, list(dict.fromkeys(problems)))
     assert recipe is not None
     return recipe
+
+
+def _task_sections(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The recipe's task sections, each with its key: ``task`` and any ``data.also[i].task``."""
+    sections = [("task", data.get("task"))]
+    also = data.get("data", {}).get("also") if isinstance(data.get("data"), dict) else None
+    for i, source in enumerate(also if isinstance(also, list) else []):
+        if isinstance(source, dict):
+            sections.append((f"data.also[{i}].task", source.get("task")))
+    return [(key, task) for key, task in sections if isinstance(task, dict) and isinstance(task.get("type"), str)]
 
 
 def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from pydantic import ValidationError
+
 from ..config.recipe import AdaLoraSection, Recipe
 from ..errors import PeftkitError
 from ..tasks import TaskHead, make_task
@@ -40,7 +42,7 @@ class Plan:
 def plan_run(recipe: Recipe, num_processes: int = 1, rank_pattern: Optional[dict[str, int]] = None) -> Plan:
     """``rank_pattern``: LoRA ranks per module (``adapter.rank_pattern_from``, read by
     :func:`peftkit.train.transfer.learned_rank_pattern`)."""
-    task = make_task(recipe.task.type, recipe.task.options())
+    task = recipe_head(recipe)
     raw = load_task_data(recipe.data, task, recipe.train.seed)
     base = resolve_base(recipe.base)
     tokenizer = load_tokenizer(base, recipe.base)
@@ -56,6 +58,29 @@ def plan_run(recipe: Recipe, num_processes: int = 1, rank_pattern: Optional[dict
         if problem:
             raise PeftkitError(problem)
     return Plan(recipe, task, base, tokenizer, train_rows, eval_rows, steps, schedule, rank_pattern, eval_parts)
+
+
+def recipe_head(recipe: Recipe) -> TaskHead:
+    """The head a recipe trains: its task section's, or with several data sets and ``data.heads: per_dataset``
+    one head per data set (``tasks/multi_task.py``), the others' from ``data.also[i].task`` (default: the task
+    section's type, fitted to that data set's own labels)."""
+    from ..tasks import task_types
+    from ..tasks.pooled import PooledHead
+
+    data = recipe.data
+    head = task_types().get(recipe.task.type)
+    # a language model's rows have no labels to keep apart: its data sets share the one head it has
+    pooled = head is not None and issubclass(head, PooledHead)
+    if not data.also or data.heads == "shared" or (not pooled and all(s.task is None for s in data.also)):
+        return make_task(recipe.task.type, recipe.task.options())
+    sections = [recipe.task, *(source.task for source in data.also)]
+    tasks = [{"name": source.label(), "type": section.type if section else recipe.task.type,
+              "options": section.options() if section else {}} for source, section in zip(data.sources(), sections)]
+    try:
+        return make_task("multi_task", {"tasks": tasks})
+    except ValidationError as exc:
+        raise PeftkitError(f"data.also: {exc.errors()[0]['msg'].removeprefix('Value error, ')}; or set data.heads: "
+                           "shared for one head over the union of the labels") from None
 
 
 def _encode_eval(raw: Any, task: TaskHead, tokenizer: Any, max_length: int) -> tuple[Any, list[tuple[str, int]]]:

@@ -256,38 +256,90 @@ def _pool(parts: list[Any]) -> Any:
 def load_task_data(data: DataSection, task: TaskHead, seed: int) -> RawData:
     """Train and eval rows with columns renamed to the task's roles, and the task fitted to them.
 
-    With several data sets (``data.also``) the train rows are pooled into one adapter; the eval rows stay
-    in one part per data set, so that each data set's metrics can be reported too.
+    With several data sets (``data.also``) the train rows are pooled into one adapter (each data set's share set
+    by ``data.sampling``); the eval rows stay in one part per data set, so that each data set's metrics can be
+    reported too. With a head per data set (``task.for_source``), each is fitted to its own data set, and every row
+    carries its data set's index (``source``).
     """
+    per_source = len(data.sources()) > 1 and task.for_source(1) is not task
     loaded = []
     for i, source in enumerate(data.sources()):
         key = "data." if i == 0 else f"data.also[{i - 1}]."
+        head = task.for_source(i)
         before = dict(task.state)
-        loaded.append(_load_source(source, task, seed, key))
+        loaded.append(_load_source(source, head, seed, key))
         if i and before.get("format") != task.state.get("format"):
             raise PeftkitError(f"{key}train: its rows are {task.state.get('format')} but data.train's are "
                                f"{before.get('format')}; one adapter learns one format")
         roles, first = set(loaded[-1][0].column_names), set(loaded[0][0].column_names)
-        if roles != first:
+        if roles != first and not per_source:
             raise PeftkitError(f"{key}train: {source.train} gives the task {', '.join(sorted(roles))} but data.train "
                                f"gives {', '.join(sorted(first))}; data sets pooled into one adapter need the same "
                                f"roles (map them with {key}columns)")
-    pooled = _pool([part[3] for part in loaded])
-    for _, eval_, eval_source, _ in loaded:
-        # bad eval rows are reported by their row number in their own file
-        task.fit(pooled, eval_, eval_source)
+    if per_source:
+        for i, (_, eval_, eval_source, fit_rows) in enumerate(loaded):
+            task.for_source(i).fit(fit_rows, eval_, eval_source)
+        task.fit(None, None, "")  # gathers what each data set's head learned
+    else:
+        pooled = _pool([part[3] for part in loaded])
+        for _, eval_, eval_source, _ in loaded:
+            # bad eval rows are reported by their row number in their own file
+            task.fit(pooled, eval_, eval_source)
     trains, evals = [], []
-    for source, (train, eval_, eval_source, _) in zip(data.sources(), loaded):
+    for i, (source, (train, eval_, eval_source, _)) in enumerate(zip(data.sources(), loaded)):
         if source.max_train_samples and len(train) > source.max_train_samples:
             train = train.shuffle(seed=seed).select(range(source.max_train_samples))
         if source.max_eval_samples and len(eval_) > source.max_eval_samples:
             eval_ = eval_.shuffle(seed=seed).select(range(source.max_eval_samples))
+        if per_source:
+            train, eval_ = (part.add_column("source", [i] * len(part)) for part in (train, eval_))
         trains.append(train)
         evals.append((source.label(), eval_))
+    if data.sampling == "temperature":
+        trains = _temperature_sampled(trains, data.temperature, seed)
+    if per_source:
+        trains, evals = _same_columns(trains, evals)
     train = _pool(trains)
     eval_ = _pool([e for _, e in evals])
     eval_source = loaded[0][2] if len(loaded) == 1 else ", ".join(part[2] for part in loaded)
     return RawData(train, eval_, eval_source, evals)
+
+
+def _temperature_sampled(parts: list[Any], temperature: float, seed: int) -> list[Any]:
+    """Each data set's rows drawn so that its share of the pooled rows is ``size^(1/T)`` over the sum of those
+    (the total stays the sum of the sizes): a data set smaller than its share is repeated (whole copies, then a
+    seeded sample of the rest), a larger one is cut to a seeded sample. Drawn once per run, before the epochs."""
+    sizes = [len(p) for p in parts]
+    weights = [n ** (1 / temperature) for n in sizes]
+    total = sum(sizes)
+    out = []
+    for i, (part, weight) in enumerate(zip(parts, weights)):
+        want = max(1, round(total * weight / sum(weights)))
+        order = [j for _ in range(want // len(part)) for j in range(len(part))]
+        rest = random.Random(seed + i).sample(range(len(part)), want - len(order))
+        out.append(part.select(order + sorted(rest)))
+    return out
+
+
+def _same_columns(trains: list[Any], evals: list[tuple[str, Any]]) -> tuple[list[Any], list[tuple[str, Any]]]:
+    """Data sets with a head each may read different roles (a pair and a single sentence): each gets the columns
+    it lacks, empty, so that they pool; their heads encode only the columns their rows fill."""
+    columns = list(dict.fromkeys(c for part in [*trains, *(e for _, e in evals)] for c in part.column_names))
+
+    def filled(part: Any) -> Any:
+        for column in columns:
+            if column not in part.column_names:
+                part = part.add_column(column, [None] * len(part))
+        return part.cast_column("label", _text_feature()).select_columns(columns) if "label" in columns else \
+            part.select_columns(columns)
+
+    return [filled(p) for p in trains], [(name, filled(e)) for name, e in evals]
+
+
+def _text_feature() -> Any:
+    import datasets
+
+    return datasets.Value("string")
 
 
 def encode(rows: Any, task: TaskHead, tokenizer: Any, max_length: int) -> Any:

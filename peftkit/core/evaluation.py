@@ -54,7 +54,7 @@ def metrics_by_source(task: Any, collected: dict[str, torch.Tensor], parts: list
     """The task's metrics over all eval rows and, with several data sets, each one's as ``name/metric``."""
     metrics = task.metrics(collected)
     start = 0
-    for name, count in parts:
+    for name, count in [] if task.reports_per_source else parts:
         part = task.metrics({k: v[start:start + count] for k, v in collected.items()})
         metrics.update({f"{name}/{key}": value for key, value in part.items()})
         start += count

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..config.recipe import AdaLoraSection, Recipe
 from ..core.adalora import resolve_schedule
+from ..core.build import recipe_head
 from ..core.data import load_task_data, total_steps
-from ..tasks import make_task
 
 
 def check_base(recipe: Recipe) -> str:
@@ -22,7 +22,7 @@ def check_base(recipe: Recipe) -> str:
 
 def check_data(recipe: Recipe) -> str:
     """Read the data files, map their columns, check labels and AdaLoRA's schedule; return a summary line."""
-    task = make_task(recipe.task.type, recipe.task.options())
+    task = recipe_head(recipe)
     raw = load_task_data(recipe.data, task, recipe.train.seed)
     t = recipe.train
     summary = f"data: {len(raw.train):,} train rows, {len(raw.eval):,} eval rows"

@@ -42,7 +42,7 @@ def read_input(path: str) -> Any:
 
 def _columns_for(server: Server, name: str, available: list[str], overrides: dict[str, str], source: str
                  ) -> dict[str, str]:
-    served = server.adapters.get(name)
+    served = server.served(name)
     roles = dict(served.task.roles) if served is not None else {}
     roles["text"] = tuple(dict.fromkeys([*roles.get("text", ()), *TEXT_COLUMNS]))
     wanted = served.task.serve_fields if served is not None else ("text",)

@@ -67,6 +67,11 @@ class Server:
     def names(self) -> list[str]:
         return list(self.adapters)
 
+    def served(self, name: str) -> Optional[ServedAdapter]:
+        """The adapter a row name routes to: ``adapter``, or ``adapter:view`` for one task of a multi-task
+        adapter (None for ``base``)."""
+        return self.adapters.get(name.partition(":")[0])
+
     def memory(self) -> dict[str, Any]:
         """Bytes of the shared base, and what each adapter adds (its LoRA weights and head)."""
         per_adapter = {}
@@ -86,7 +91,12 @@ class Server:
         if len(names) != count:
             raise PeftkitError(f"adapter: {len(names)} names for {count} rows; give one name, or one per row")
         for name in dict.fromkeys(names):
-            if name != BASE and name not in self.adapters:
+            adapter, _, view = name.partition(":")
+            views = self.adapters[adapter].task.serve_views() if adapter in self.adapters else []
+            if view and adapter in self.adapters and view not in views:
+                shown = f"its tasks: {', '.join(views)}" if views else "it has one task; name the adapter alone"
+                raise PeftkitError(f"adapter {name!r}: {adapter} has no task {view!r}; {shown}")
+            if name != BASE and adapter not in self.adapters:
                 import difflib
 
                 close = difflib.get_close_matches(name, [*self.adapters, BASE], n=2, cutoff=0.5)
@@ -146,7 +156,7 @@ class Server:
     def outputs(self, rows: Rows, adapter: Union[str, Sequence[str]], batch_size: int = 32) -> list[torch.Tensor]:
         """Each row's raw output under its adapter: class logits for a classifier, per-token logits for a
         causal LM (and for ``base`` on a decoder), the pooled features for ``base`` on an encoder."""
-        names = self._names(adapter, len(rows))
+        names = [name.partition(":")[0] for name in self._names(adapter, len(rows))]  # a task's rows: its adapter's
         encoded = [self._encode(row, name) for row, name in zip(rows, names)]
         results: list[Optional[torch.Tensor]] = [None] * len(rows)
         # similar lengths together: less padding, same results (padding is masked)
@@ -205,9 +215,12 @@ class Server:
         outputs = self.outputs(rows, names, batch_size)
         predictions = []
         for name, logits, row in zip(names, outputs, rows):
-            served = self.adapters.get(name)
-            ids = lambda row=row, name=name: self._encode(row, name).input_ids  # noqa: E731
+            served = self.served(name)
+            adapter, _, view = name.partition(":")
+            ids = lambda row=row, adapter=adapter: self._encode(row, adapter).input_ids  # noqa: E731
             prediction = served.task.serve_prediction(logits, ids) if served is not None else score_text(logits, ids())
+            if view:
+                prediction = prediction[view]
             predictions.append({"adapter": name, **prediction})
         return predictions
 
@@ -272,6 +285,7 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
         raise PeftkitError(f"{BASE!r} stands for the base model without adapter; it is always available")
     if len(set(names)) != len(names):
         raise PeftkitError(f"adapter {next(n for n in names if names.count(n) > 1)!r} is named twice")
+    names = list(dict.fromkeys(name.partition(":")[0] for name in names))  # a multi-task adapter's tasks: itself
     snapshots = [read_snapshot(registry, name) for name in names]
     first = snapshots[0]
     for snap in snapshots[1:]:

@@ -28,19 +28,21 @@ def task_types() -> dict[str, type[TaskHead]]:
     return found
 
 
-def _head_class(task_type: str) -> type[TaskHead]:
-    known = task_types()
+def _head_class(task_type: str, key: str = "task", internal: bool = False) -> type[TaskHead]:
+    known = {name: head for name, head in task_types().items() if internal or not head.internal}
     if task_type not in known:
         close = difflib.get_close_matches(task_type, list(known), n=1)
         hint = f"did you mean `{close[0]}`?" if close else f"use one of: {', '.join(sorted(known))}"
-        raise PeftkitError(f"task.type: unknown task {task_type!r}; {hint}")
+        raise PeftkitError(f"{key}.type: unknown task {task_type!r}; {hint}")
     return known[task_type]
 
 
-def validate_task_options(task_type: str, options: dict[str, Any]) -> list[str]:
-    """Problems with a task section's options, each prefixed with its key path (empty when valid)."""
+def validate_task_options(task_type: str, options: dict[str, Any], key: str = "task", internal: bool = False
+                          ) -> list[str]:
+    """Problems with a task section's options, each prefixed with its key path (empty when valid). ``internal``:
+    also the heads peftkit builds itself (a trained adapter's multi-task head), never named in a recipe."""
     try:
-        head = _head_class(task_type)
+        head = _head_class(task_type, key, internal)
     except PeftkitError as exc:
         return [str(exc)]
     try:
@@ -48,7 +50,7 @@ def validate_task_options(task_type: str, options: dict[str, Any]) -> list[str]:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            path = ".".join(["task", *(str(x) for x in error["loc"])])
+            path = ".".join([key, *(str(x) for x in error["loc"])])
             if error["type"] == "extra_forbidden":
                 key = str(error["loc"][-1])
                 close = difflib.get_close_matches(key, list(head.Options.model_fields), n=1, cutoff=0.6)
@@ -67,7 +69,7 @@ def validate_task_options(task_type: str, options: dict[str, Any]) -> list[str]:
 
 def make_task(task_type: str, options: dict[str, Any], state: dict[str, Any] | None = None) -> TaskHead:
     """A task head from its recipe options and, for a trained adapter, the state saved with it."""
-    head = _head_class(task_type)
+    head = _head_class(task_type, internal=True)
     return head(head.Options.model_validate(options), state)
 
 

@@ -51,6 +51,8 @@ class TaskHead(ABC):
     # modules that belong to the head: trained in full, saved with the adapter, never quantized
     head_module_names: ClassVar[tuple[str, ...]] = ()
     key_metric: ClassVar[tuple[str, str]]  # (metric, "max" or "min")
+    internal: ClassVar[bool] = False  # built by peftkit from a recipe (multi-task), never named in task.type
+    reports_per_source: ClassVar[bool] = False  # its metrics already say each data set's (``name/metric``)
 
     def __init__(self, options: HeadOptions, state: Optional[dict[str, Any]] = None):
         self.options = options
@@ -89,6 +91,11 @@ class TaskHead(ABC):
                 f"set {key}columns.{role}: COLUMN"
             )
         return resolved
+
+    def for_source(self, index: int) -> "TaskHead":
+        """The head that reads, fits and encodes data set ``index`` of a recipe (``data.also``): this head, unless
+        each data set has its own (``multi_task.py``)."""
+        return self
 
     def filled_roles(self) -> tuple[str, ...]:
         """The roles whose every cell must hold a value (checked when the data loads)."""
@@ -163,6 +170,11 @@ class TaskHead(ABC):
             raise PeftkitError(f"{adapter}: a {self.name} adapter with trained modules {sorted(state)} cannot share "
                                "a base; serve it alone")
         return None, None
+
+    def serve_views(self) -> list[str]:
+        """Names under which one part of this head's prediction is served as ``adapter:name`` (a multi-task
+        adapter's data sets); :meth:`serve_prediction` then returns a dict keyed by them. Empty: none."""
+        return []
 
     def serve_prediction(self, logits: "torch.Tensor", input_ids: Callable[[], list[int]]) -> dict[str, Any]:
         """One row's prediction from its output (``input_ids``: the row's ids, encoded on demand)."""

@@ -103,6 +103,10 @@ class PooledHead(TaskHead):
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
 
+    def init_outputs(self, layer: Any, offset: int) -> None:
+        """Set this head's outputs (``layer``'s rows from ``offset``) before training, when it starts anywhere
+        but at transformers' random init; a trained adapter's saved head replaces them when it loads."""
+
     def loss(self, outputs: Any, batch: dict[str, Any]) -> Any:
         return self.row_losses(outputs.logits.float(), batch["labels"]).mean()
 

@@ -83,15 +83,18 @@ class Regression(PooledHead):
         return torch.tensor(targets, dtype=torch.float32)
 
     def load_model(self, load: Callable[..., Any], tokenizer: Any) -> Any:
-        import torch
-
         model = super().load_model(load, tokenizer)
         layer = output_layer(model, self.head_module_names)
-        if self.options.start_at_mean and layer is not None and layer.bias is not None and "mean" in self.state:
-            # a trained adapter's saved head replaces this when it loads; a new run starts at the data's mean
-            with torch.no_grad():
-                layer.bias.fill_(self.state["mean"])
+        if layer is not None:
+            self.init_outputs(layer, 0)
         return model
+
+    def init_outputs(self, layer: Any, offset: int) -> None:
+        import torch
+
+        if self.options.start_at_mean and layer.bias is not None and "mean" in self.state:
+            with torch.no_grad():
+                layer.bias[offset].fill_(self.state["mean"])
 
     def row_losses(self, logits: Any, targets: Any) -> Any:
         import torch.nn.functional as F

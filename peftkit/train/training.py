@@ -298,7 +298,8 @@ def _metadata(recipe: Recipe, plan: Plan, built: BuiltModel, model: Any, driver:
         }
     return build_metadata(
         name=recipe.output.name,
-        task={"type": recipe.task.type, "options": recipe.task.options(), "state": plan.task.state},
+        task={"type": plan.task.name, "options": plan.task.options.model_dump(mode="json", exclude_unset=True),
+              "state": plan.task.state},
         base={
             "identity": plan.base.identity,
             "source": plan.base.source,
