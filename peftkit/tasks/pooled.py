@@ -25,7 +25,7 @@ class PooledHead(TaskHead):
         "label": ("label", "labels", "Label", "class"),
     }
     required_roles = ("text", "label")
-    head_module_names = ("classifier", "score")
+    head_module_names = ("classifier", "score", "classification_head")  # BERT, decoders, T5
     serve_fields = ("text", "text_pair")
     problem_type: ClassVar[str]  # transformers' config.problem_type, for users who load the model with labels
 
