@@ -40,7 +40,10 @@ def build_t5(folder: Path) -> Path:
     config = T5Config(vocab_size=128, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_decoder_layers=2,
                       num_heads=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0,
                       eos_token_id=EOS_ID, decoder_start_token_id=0, relative_attention_num_buckets=8)
-    T5ForConditionalGeneration(config).save_pretrained(folder)
+    model = T5ForConditionalGeneration(config)
+    with torch.no_grad():  # T5 scales an untied output layer by nothing: logits of ~30, a first loss of ~30
+        model.lm_head.weight.mul_(config.d_model ** -0.5)
+    model.save_pretrained(folder)
     build_t5_tokenizer(folder)
     return folder
 
