@@ -49,12 +49,13 @@ def build_t5(folder: Path) -> Path:
 
 
 def copy_rows(n: int, seed: int) -> list[dict]:
-    """Rows whose target is the source's first two words: learnable by a tiny model in a few steps."""
+    """Rows whose target is "say" and the source's first two words: the constant first word is learned in a few
+    steps, so even a briefly trained tiny model writes something before its EOS."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         words = rng.sample(FILLER, 4)
-        rows.append({"source": " ".join(words), "target": " ".join(words[:2])})
+        rows.append({"source": " ".join(words), "target": "say " + " ".join(words[:2])})
     return rows
 
 
