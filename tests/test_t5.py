@@ -170,7 +170,7 @@ def test_one_served_t5_base_mixes_classification_and_seq2seq_rows(t5):
     base = server.generate([TEXTS[1], TEXTS[3]], "base", max_new_tokens=6)
     assert [mixed[1], mixed[3]] == base
     assert base != [written[1], written[3]]
-    with pytest.raises(PeftkitError, match=r"^adapter cls4 is a classification adapter; generate needs seq2seq "
+    with pytest.raises(PeftkitError, match=r"^adapter cls4 is a classification adapter; generate needs text-to-text "
                                            r"adapters \(use `peftkit predict --adapter cls4`\)$"):
         server.generate(TEXTS[:1], "cls4")
     with pytest.raises(PeftkitError, match=r"^adapter base: an encoder-decoder base has no head of its own"):

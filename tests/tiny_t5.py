@@ -32,7 +32,9 @@ def build_t5_tokenizer(folder: Path):
 
 
 def build_t5(folder: Path) -> Path:
-    """A 2+2-layer T5 with gated-GELU feed-forward layers (T5 v1.1 / FLAN-T5's), untied output layer."""
+    """A 2+2-layer T5 with gated-GELU feed-forward layers (T5 v1.1 / FLAN-T5's). transformers 5 ties T5's output
+    layer to its embeddings whatever the config says; ``tie_word_embeddings=False`` still marks v1.1's layout, whose
+    decoder output is not scaled by ``d_model ** -0.5``."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -41,7 +43,7 @@ def build_t5(folder: Path) -> Path:
                       num_heads=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0,
                       eos_token_id=EOS_ID, decoder_start_token_id=0, relative_attention_num_buckets=8)
     model = T5ForConditionalGeneration(config)
-    with torch.no_grad():  # T5 scales an untied output layer by nothing: logits of ~30, a first loss of ~30
+    with torch.no_grad():  # unscaled, T5's initialization gives logits of ~30 and a first loss of ~30
         model.lm_head.weight.mul_(config.d_model ** -0.5)
     model.save_pretrained(folder)
     build_t5_tokenizer(folder)

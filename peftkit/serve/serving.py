@@ -262,7 +262,7 @@ class Server:
         for name in dict.fromkeys(names):
             served = self.adapters.get(name)
             if served is not None and not served.task.generates:
-                kind = "seq2seq" if self.encoder_decoder else "causal-LM"
+                kind = "text-to-text" if self.encoder_decoder else "causal-LM"
                 raise PeftkitError(f"adapter {name} is a {served.task.name} adapter; generate needs {kind} adapters "
                                    f"(use `peftkit predict --adapter {name}`)")
         if seed is not None:
