@@ -63,12 +63,26 @@ def t5(tmp_path_factory):
     return root, Registry(root / "adapters"), results
 
 
+@pytest.fixture(scope="module")
+def loaded(t5):
+    """name -> the adapter loaded back onto a fresh base (once per module: every load quantizes the base again)."""
+    _, registry, _ = t5
+    cache = {}
+
+    def load(name):
+        if name not in cache:
+            cache[name] = load_trained(registry.folder(name))
+        return cache[name]
+
+    return load
+
+
 def _is_head(name: str) -> bool:
     return "classification_head" in name
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_training_lowers_loss_moves_only_adapter_and_head_and_reloads(t5, name):
+def test_training_lowers_loss_moves_only_adapter_and_head_and_reloads(t5, loaded, name):
     root, registry, results = t5
     result = results[name]
     history = result.metadata.history
@@ -83,9 +97,9 @@ def test_training_lowers_loss_moves_only_adapter_and_head_and_reloads(t5, name):
     assert any(_is_head(k) for k in saved) == (name == "cls4")
 
     # every frozen tensor equals a freshly loaded base's, quantized bytes included
-    loaded = load_trained(result.adapter_dir)
-    fresh = load_base_for_task(loaded.recipe, loaded.task, resolve_base(loaded.recipe.base), loaded.tokenizer,
-                               torch.device("cpu")).state_dict()
+    reloaded = loaded(name)
+    fresh = load_base_for_task(reloaded.recipe, reloaded.task, resolve_base(reloaded.recipe.base),
+                               reloaded.tokenizer, torch.device("cpu")).state_dict()
     compared = 0
     for key, tensor in result.model.state_dict().items():
         if ".lora_" in key or ".ranknum" in key or "modules_to_save" in key or "original_module" in key:
@@ -98,14 +112,14 @@ def test_training_lowers_loss_moves_only_adapter_and_head_and_reloads(t5, name):
     assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
 
     result.model.eval()
-    batch = _batch(loaded, n=6)
+    batch = _batch(reloaded, n=6)
     with torch.no_grad():
-        expected, got = result.model(**batch).logits, loaded.model(**batch).logits
+        expected, got = result.model(**batch).logits, reloaded.model(**batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # AdaLoRA reloads shrunk: same sums
 
 
 @pytest.mark.parametrize("name, bits_class", [("s2s4", "Linear4bit"), ("s2s8ada", "Linear8bitLt")])
-def test_quantized_t5_keeps_wo_and_heads_in_float32_and_reports_it(t5, name, bits_class):
+def test_quantized_t5_keeps_wo_and_heads_in_float32_and_reports_it(t5, loaded, name, bits_class):
     """transformers keeps T5's feed-forward output ``wo`` out of quantization (``_keep_in_fp32_modules``): peftkit
     keeps that choice, and the memory it reports is what the model holds, ``wo`` at 4 bytes a weight."""
     _, registry, results = t5
@@ -117,17 +131,16 @@ def test_quantized_t5_keeps_wo_and_heads_in_float32_and_reports_it(t5, name, bit
     assert len(wo) == 4 and all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in wo)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
     memory = results[name].metadata.base.memory_bytes
-    loaded = load_trained(registry.folder(name))
-    fresh = load_base_for_task(loaded.recipe, loaded.task, resolve_base(loaded.recipe.base), loaded.tokenizer,
-                               torch.device("cpu"))
+    reloaded = loaded(name)
+    fresh = load_base_for_task(reloaded.recipe, reloaded.task, resolve_base(reloaded.recipe.base),
+                               reloaded.tokenizer, torch.device("cpu"))
     assert memory == fresh.get_memory_footprint()
     assert memory > sum(m.weight.numel() * 4 for m in wo)
 
 
-def test_eval_reports_loss_and_generation_scores(t5):
-    root, registry, results = t5
-    loaded = load_trained(registry.folder("s2s4"))
-    report = evaluate_file(loaded, str(root / "copy_dev.tsv"))
+def test_eval_reports_loss_and_generation_scores(t5, loaded):
+    root, _, results = t5
+    report = evaluate_file(loaded("s2s4"), str(root / "copy_dev.tsv"))
     final = results["s2s4"].metadata.history[-1]
     assert set(report["metrics"]) == {"loss", "perplexity", "exact_match", "rougeL"}
     assert report["metrics"]["loss"] == pytest.approx(final["loss"], rel=1e-5)
@@ -135,32 +148,32 @@ def test_eval_reports_loss_and_generation_scores(t5):
     assert 0.0 <= report["metrics"]["exact_match"] <= report["metrics"]["rougeL"] <= 1.0
 
 
-def _alone_logits(registry: Registry, name: str) -> list[torch.Tensor]:
-    loaded = load_trained(registry.folder(name))
+def _alone_logits(alone) -> list[torch.Tensor]:
+    """What a classifier gives on its own (peft + transformers), rows one by one."""
     with torch.no_grad():
-        return [loaded.model(**loaded.tokenizer([t], return_tensors="pt")).logits[0] for t in TEXTS]
+        return [alone.model(**alone.tokenizer([t], return_tensors="pt")).logits[0] for t in TEXTS]
 
 
-def _alone_generations(registry: Registry, name: str) -> list[str]:
-    loaded = load_trained(registry.folder(name))
-    task = loaded.task
-    return task.generate(loaded.model, loaded.tokenizer,
-                         [task.source_ids(t, loaded.tokenizer, loaded.recipe.data.max_length) for t in TEXTS])
+def _alone_generations(alone) -> list[str]:
+    """What a seq2seq adapter writes on its own (peft + transformers' generate)."""
+    task = alone.task
+    return task.generate(alone.model, alone.tokenizer,
+                         [task.source_ids(t, alone.tokenizer, alone.recipe.data.max_length) for t in TEXTS])
 
 
-def test_one_served_t5_base_mixes_classification_and_seq2seq_rows(t5):
+def test_one_served_t5_base_mixes_classification_and_seq2seq_rows(t5, loaded):
     _, registry, _ = t5
     server = load_server(registry, ["s2s4", "cls4"])
     names = ["cls4", "s2s4", "cls4", "s2s4"]
     predictions = server.predict(TEXTS, names)
     # a T5 classifier on the shared base: its dense -> tanh -> out_proj head on the decoder's last EOS state
-    cls = _alone_logits(registry, "cls4")
+    cls = _alone_logits(loaded("cls4"))
     for i in (0, 2):
         logits = server.outputs([TEXTS[i]], "cls4")[0]
         assert _relative(logits, cls[i]) < 1e-5
         assert predictions[i]["label"] == str(int(cls[i].argmax()))
     # a seq2seq adapter predicts its greedy output, with its task.prefix, as it does alone
-    written = _alone_generations(registry, "s2s4")
+    written = _alone_generations(loaded("s2s4"))
     assert [predictions[i]["output"] for i in (1, 3)] == [written[1], written[3]]
     assert any(written), "the tiny adapter writes something after 4 steps"
 
