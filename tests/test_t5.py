@@ -7,6 +7,7 @@ import copy
 import re
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,6 +19,7 @@ from peftkit.core.models import load_base_for_task, resolve_base
 from peftkit.errors import PeftkitError
 from peftkit.ops.export import export
 from peftkit.ops.merge import merge
+from peftkit.serve.predict_io import route
 from peftkit.serve.serving import load_server
 from peftkit.store.loading import load_trained
 from peftkit.store.registry import Registry
@@ -188,6 +190,10 @@ def test_one_served_t5_base_mixes_classification_and_seq2seq_rows(t5, loaded):
         server.generate(TEXTS[:1], "cls4")
     with pytest.raises(PeftkitError, match=r"^adapter base: an encoder-decoder base has no head of its own"):
         server.predict(TEXTS[:1], "base")
+    # `peftkit predict --input` finds a seq2seq adapter's text in its source column, as training did
+    rows = datasets.Dataset.from_dict({"source": TEXTS[:2], "target": ["say a", "say b"]})
+    fields, routed, _ = route(server, ["s2s4"], rows, "in.tsv", {})
+    assert fields == [{"text": TEXTS[0]}, {"text": TEXTS[1]}] and routed == ["s2s4", "s2s4"]
 
 
 def test_merge_and_export_carry_the_task_to_the_card(t5, tmp_path):
