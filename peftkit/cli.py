@@ -280,7 +280,8 @@ def predict(texts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: boo
 def generate(prompts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: bool, batch_size: int,
              max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None, as_json: bool,
              registry: str, trust: dict[str, bool]) -> None:
-    """Continue each of PROMPTS with every causal-LM --adapter, in one batch on one base."""
+    """Continue each of PROMPTS with every causal-LM --adapter (answer it, for seq2seq adapters on a T5-family
+    base), in one batch on one base."""
     import json
 
     server = _server(registry, adapters_, unquantized, trust)

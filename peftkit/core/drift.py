@@ -62,7 +62,8 @@ def scored_logits(model: Any, sample: Sample) -> torch.Tensor:
     for batch in sample.batches:
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
         if logits.dim() == 3:  # token logits: padding positions say nothing about the model
-            logits = logits[batch["attention_mask"].bool()]
+            # an encoder-decoder's logits are the decoder's positions, masked by its own mask
+            logits = logits[batch.get("decoder_attention_mask", batch["attention_mask"]).bool()]
         parts.append(logits)
     return torch.cat(parts)
 

@@ -36,6 +36,18 @@ def collect(model: torch.nn.Module, task: Any, tokenizer: Any, rows: Any, batche
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+@torch.no_grad()
+def model_metrics(model: torch.nn.Module, task: Any, tokenizer: Any, rows: Any) -> dict[str, float]:
+    """The head's metrics that need the model itself (``task.eval_with_model``: a seq2seq head's generations)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return task.eval_with_model(model, tokenizer, rows)
+    finally:
+        if was_training:
+            model.train()
+
+
 def in_row_order(collected: dict[str, torch.Tensor], n_rows: int, batch_size: int, world: int
                  ) -> dict[str, torch.Tensor]:
     """Rows gathered from ``world`` processes (process r evaluated batches r, r + world, ...) back in file order."""
@@ -83,7 +95,8 @@ def evaluate_file(loaded: Any, path: str, group_by: Optional[str] = None, batch_
                            "(packing or skipped rows), so rows cannot be grouped; use an unpacked format")
     collected = collect(loaded.model, task, loaded.tokenizer, encoded, eval_batches(len(encoded), batch_size),
                         loaded.model.device)
-    result: dict[str, Any] = {"rows": len(encoded), "metrics": task.metrics(collected)}
+    metrics = {**task.metrics(collected), **model_metrics(loaded.model, task, loaded.tokenizer, encoded)}
+    result: dict[str, Any] = {"rows": len(encoded), "metrics": metrics}
     if groups is not None:
         per_group = {}
         for name in sorted(set(groups)):

@@ -2,7 +2,8 @@
 and predictions out as JSON lines.
 
 Which column holds a row's text is found as in training: the adapter's ``data.columns`` first, then the
-task's usual names (``sentence``, ``text``, ...); ``--column text=body`` overrides. An ``adapter`` column, when
+task's usual names (``sentence``, ``text``, ...; a seq2seq adapter's ``source``, ``input``, ...); ``--column
+text=body`` overrides. An ``adapter`` column, when
 the file has one, sends each row to the adapter it names; otherwise every row goes to every adapter.
 """
 
@@ -44,9 +45,13 @@ def _columns_for(server: Server, name: str, available: list[str], overrides: dic
                  ) -> dict[str, str]:
     served = server.served(name)
     roles = dict(served.task.roles) if served is not None else {}
-    roles["text"] = tuple(dict.fromkeys([*roles.get("text", ()), *TEXT_COLUMNS]))
+    # a row's text is what its head reads first: a classifier's text, a seq2seq head's source
+    first = served.task.required_roles[0] if served is not None and served.task.required_roles else "text"
+    roles["text"] = tuple(dict.fromkeys([*roles.get(first, ()), *roles.get("text", ()), *TEXT_COLUMNS]))
     wanted = served.task.serve_fields if served is not None else ("text",)
     mapping = {} if served is None else dict(served.recipe.data.columns)
+    if first in mapping:
+        mapping.setdefault("text", mapping[first])
     mapping.update(overrides)
     found: dict[str, str] = {}
     for role in wanted:

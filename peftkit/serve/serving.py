@@ -48,17 +48,24 @@ def _is_decoder(config: Any) -> bool:
     return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
 
 
+def _is_encoder_decoder(config: Any) -> bool:
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
 class Server:
     """Built by :func:`load_server`."""
 
     def __init__(self, model: nn.Module, peft_model: Any, tokenizer: Any, adapters: dict[str, ServedAdapter],
-                 decoder: bool, base_bytes: int, description: dict[str, Any]):
-        self.model = model  # the base's model class, LoRA layers injected (a decoder's ForCausalLM, else its body)
+                 decoder: bool, base_bytes: int, description: dict[str, Any], encoder_decoder: bool = False):
+        # the base's model class, LoRA layers injected: a decoder's ForCausalLM, an encoder-decoder's
+        # ForConditionalGeneration (T5), else an encoder's body
+        self.model = model
         self.peft_model = peft_model
         self.tokenizer = tokenizer
         self.adapters = adapters
         self.peft_names = {name: peft_name(i) for i, name in enumerate(adapters)}
         self.decoder = decoder
+        self.encoder_decoder = encoder_decoder
         self.base_bytes = base_bytes
         self.description = description
         self.device = next(model.parameters()).device
@@ -176,7 +183,7 @@ class Server:
         batch = self._pad(encoded)
         body = self.model.get_decoder() if self.decoder else self.model
         with self._routed(names):
-            out = body(**batch)
+            out = self._encoder_decoder_body(batch) if self.encoder_decoder else body(**batch)
         hidden = out.last_hidden_state
         lengths = batch["attention_mask"].sum(-1)
         rows: list[torch.Tensor] = []
@@ -185,15 +192,31 @@ class Server:
             if served is not None and served.head is not None:
                 if served.pooling == "pooler":
                     features = out.pooler_output[i]
+                elif served.pooling == "eos":
+                    features = hidden[i, self._last_eos(batch["input_ids"][i])]
                 else:
                     features = hidden[i, self._last_token(batch["input_ids"][i])]
-                rows.append(served.head(features.to(served.head.weight.dtype)).float().cpu())
+                rows.append(served.head(features.to(next(served.head.parameters()).dtype)).float().cpu())
             elif self.decoder:
                 rows.append(self.model.get_output_embeddings()(hidden[i, : int(lengths[i])]).float().cpu())
             else:
                 pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else hidden[:, 0]
                 rows.append(pooled[i].float().cpu())
         return rows
+
+    def _encoder_decoder_body(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The decoder's states over the input shifted right, as T5ForSequenceClassification computes them."""
+        encoded = self.model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return self.model.get_decoder()(input_ids=self.model._shift_right(batch["input_ids"]),
+                                        encoder_hidden_states=encoded.last_hidden_state,
+                                        encoder_attention_mask=batch["attention_mask"])
+
+    def _last_eos(self, ids: torch.Tensor) -> int:
+        # T5ForSequenceClassification's rule: the state at the row's last EOS token
+        where = (ids == self.model.config.eos_token_id).nonzero()
+        if len(where) == 0:
+            raise PeftkitError("a row has no EOS token, which a T5 classifier pools at; the tokenizer adds one")
+        return int(where[-1])
 
     def _last_token(self, ids: torch.Tensor) -> int:
         # the rule transformers' ...ForSequenceClassification uses: the rightmost token that is not padding
@@ -207,22 +230,36 @@ class Server:
 
     def predict(self, rows: Rows, adapter: Union[str, Sequence[str]], batch_size: int = 32) -> list[dict[str, Any]]:
         """Per row: ``label`` and ``probs`` for a classifier; ``loss`` and ``perplexity`` of the text for a
-        causal LM (its mean next-token loss)."""
+        causal LM (its mean next-token loss); ``output``, the greedy generation, for a seq2seq adapter."""
         names = self._names(adapter, len(rows))
         if BASE in names and not self.decoder:
-            raise PeftkitError("adapter base: an encoder base has no head of its own to predict with; "
-                               "name an adapter for those rows")
-        outputs = self.outputs(rows, names, batch_size)
-        predictions = []
-        for name, logits, row in zip(names, outputs, rows):
+            raise PeftkitError(f"adapter base: an {'encoder-decoder' if self.encoder_decoder else 'encoder'} base "
+                               "has no head of its own to predict with; name an adapter for those rows")
+        written = [i for i, n in enumerate(names) if self.encoder_decoder and self.served(n).task.generates]
+        scored = [i for i in range(len(rows)) if i not in set(written)]
+        predictions: list[dict[str, Any]] = [{} for _ in rows]
+        if written:  # a seq2seq adapter predicts by writing its output
+            longest = max(self.served(names[i]).task.options.max_new_tokens for i in written)
+            texts = self.generate([self._text(rows[i], names[i]) for i in written], [names[i] for i in written],
+                                  max_new_tokens=longest, batch_size=batch_size)
+            for i, text in zip(written, texts):
+                predictions[i] = {"adapter": names[i], "output": text}
+        outputs = self.outputs([rows[i] for i in scored], [names[i] for i in scored], batch_size) if scored else []
+        for i, logits in zip(scored, outputs):
+            name, row = names[i], rows[i]
             served = self.served(name)
-            adapter, _, view = name.partition(":")
+            adapter, _, view = name.partition(":")  # a multi-task adapter's task: its part of the prediction
             ids = lambda row=row, adapter=adapter: self._encode(row, adapter).input_ids  # noqa: E731
             prediction = served.task.serve_prediction(logits, ids) if served is not None else score_text(logits, ids())
-            if view:
-                prediction = prediction[view]
-            predictions.append({"adapter": name, **prediction})
+            predictions[i] = {"adapter": name, **(prediction[view] if view else prediction)}
         return predictions
+
+    def _text(self, row: Union[str, dict[str, Any]], name: str) -> str:
+        if isinstance(row, str):
+            return row
+        if "text" not in row:
+            raise PeftkitError(f"a row for {name} has no 'text' (it has: {', '.join(row) or 'nothing'})")
+        return str(row["text"])
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], adapter: Union[str, Sequence[str]], max_new_tokens: int = 128,
@@ -231,12 +268,13 @@ class Server:
         """Continue each prompt with its own adapter (instruction adapters get their training prompt layout).
         ``temperature`` 0 is greedy decoding; above 0, sampling with ``top_p`` / ``top_k``."""
         names = self._names(adapter, len(prompts))
-        if not self.decoder:
-            raise PeftkitError("generate needs a causal-LM base; this server's base is an encoder")
+        if not self.decoder and not self.encoder_decoder:
+            raise PeftkitError("generate needs a causal-LM or encoder-decoder base; this server's base is an encoder")
         for name in dict.fromkeys(names):
             served = self.adapters.get(name)
             if served is not None and not served.task.generates:
-                raise PeftkitError(f"adapter {name} is a {served.task.name} adapter; generate needs causal-LM adapters "
+                kind = "text-to-text" if self.encoder_decoder else "causal-LM"
+                raise PeftkitError(f"adapter {name} is a {served.task.name} adapter; generate needs {kind} adapters "
                                    f"(use `peftkit predict --adapter {name}`)")
         if seed is not None:
             torch.manual_seed(seed)
@@ -249,17 +287,22 @@ class Server:
             for group in self._groups([names[i] for i in chunk]):
                 index = [chunk[g] for g in group]
                 encoded = [Encoded(self._prompt_ids(prompts[i], names[i])) for i in index]
-                batch = self._pad(encoded, left=True)  # generation appends on the right
+                # a decoder appends on the right of its prompt; an encoder-decoder's decoder starts afresh
+                batch = self._pad(encoded, left=not self.encoder_decoder)
                 with self._routed([names[i] for i in index]):
                     out = self.model.generate(**batch, max_new_tokens=max_new_tokens,
                                               pad_token_id=self.tokenizer.pad_token_id, **sampling)
-                width = batch["input_ids"].shape[1]
+                width = 0 if self.encoder_decoder else batch["input_ids"].shape[1]
                 for i, ids in zip(index, out):
                     texts[i] = self.tokenizer.decode(ids[width:], skip_special_tokens=True).strip()
         return [t or "" for t in texts]
 
     def _prompt_ids(self, prompt: str, name: str) -> list[int]:
         served = self.adapters.get(name)
+        if self.encoder_decoder:  # the source as the adapter's encoder read it in training (its task.prefix)
+            if served is None:
+                return list(self.tokenizer(prompt)["input_ids"])
+            return served.task.serve_encode({"text": prompt}, self.tokenizer, served.recipe.data.max_length)[0]
         if served is None:  # the base gets the prompt laid out as the loaded instruction adapters get it
             served = next((a for a in self.adapters.values() if a.task.state.get("format") == "instruction"), None)
         if served is not None and served.task.state.get("format") == "instruction":
@@ -313,12 +356,14 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
         check_same_base(base, first.metadata, ", ".join(names))
     tokenizer = load_tokenizer(base, recipe.base)
     torch_device = pick_device(device)
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    decoder = _is_decoder(AutoConfig.from_pretrained(base.path, trust_remote_code=recipe.base.trust_remote_code))
-    keep = ["lm_head", "score", "classifier"]  # what the adapters' task models kept out of quantization
-    model = load_pretrained(AutoModelForCausalLM if decoder else AutoModel, base, recipe.base, quantization, keep,
-                            torch_device)
+    config = AutoConfig.from_pretrained(base.path, trust_remote_code=recipe.base.trust_remote_code)
+    decoder, encoder_decoder = _is_decoder(config), _is_encoder_decoder(config)
+    # what the adapters' task models kept out of quantization
+    keep = ["lm_head", "score", "classifier", "classification_head"]
+    auto = AutoModelForCausalLM if decoder else AutoModelForSeq2SeqLM if encoder_decoder else AutoModel
+    model = load_pretrained(auto, base, recipe.base, quantization, keep, torch_device)
     freeze_quantized_layers(model, packed_inference)  # a server only predicts
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -339,7 +384,7 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
                               "trained_on": describe_quantization(r.quantization, r.base.dtype)}
                      for s, r in zip(snapshots, recipes)},
     }
-    return Server(model, peft_model, tokenizer, served, decoder, base_bytes, description)
+    return Server(model, peft_model, tokenizer, served, decoder, base_bytes, description, encoder_decoder)
 
 
 def _inject(model: nn.Module, served: dict[str, ServedAdapter]) -> Any:

@@ -150,6 +150,11 @@ class TaskHead(ABC):
     def metrics(self, collected: dict[str, "torch.Tensor"]) -> dict[str, float]:
         """The task's metrics from all eval rows' tensors, concatenated."""
 
+    def eval_with_model(self, model: Any, tokenizer: Any, rows: Any) -> dict[str, float]:
+        """Metrics that need the model itself beyond one forward pass per batch (generation, say), from the encoded
+        eval ``rows``; called in eval mode without gradients, after :meth:`metrics`. Default: none."""
+        return {}
+
     # ---- serving: many adapters on one shared base (peftkit.serve.serving) --------------------------------------
     # A head says here what a request row holds, how it is encoded, what module the shared base applies for
     # it and what a prediction is, so the server names no head: a new head is one file in tasks/.

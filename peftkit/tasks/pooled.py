@@ -25,7 +25,7 @@ class PooledHead(TaskHead):
         "label": ("label", "labels", "Label", "class"),
     }
     required_roles = ("text", "label")
-    head_module_names = ("classifier", "score")
+    head_module_names = ("classifier", "score", "classification_head")  # BERT, decoders, T5
     serve_fields = ("text", "text_pair")
     problem_type: ClassVar[str]  # transformers' config.problem_type, for users who load the model with labels
 
@@ -125,8 +125,34 @@ class PooledHead(TaskHead):
         return list(enc["input_ids"][0]), list(types[0]) if types is not None else None
 
     def shared_head(self, adapter: str, state: dict[str, Any], shared_model: Any) -> tuple[Any, Optional[str]]:
-        """The adapter's own linear head (peft's modules_to_save would be one module shared by all adapters)."""
+        """The adapter's own head (peft's modules_to_save would be one module shared by all adapters): one linear
+        layer, or T5's dense -> tanh -> out_proj."""
+        if {k.split(".", 1)[1] for k in state} == set(T5_HEAD):
+            return t5_head(adapter, state, self.width)
         return linear_head(adapter, self.name, state, shared_model, self.width)
+
+
+# the tensors of T5ForSequenceClassification's head: dense -> tanh -> out_proj, on the decoder's last EOS state
+T5_HEAD = ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias")
+
+
+def t5_head(adapter: str, state: dict[str, Any], width: int) -> tuple[Any, Optional[str]]:
+    """T5's classification head rebuilt from an adapter's saved tensors; pooled at the last EOS token ("eos")."""
+    import torch
+    from torch import nn
+
+    root = next(iter(state)).split(".")[0]
+    dense, out = state[f"{root}.dense.weight"], state[f"{root}.out_proj.weight"]
+    if out.shape[0] != width:
+        raise PeftkitError(f"{adapter}: its head has {out.shape[0]} outputs but its metadata describes {width}; "
+                           "the adapter folder is inconsistent")
+    head = nn.Sequential(nn.Linear(dense.shape[1], dense.shape[0], dtype=dense.dtype), nn.Tanh(),
+                         nn.Linear(out.shape[1], out.shape[0], dtype=out.dtype))
+    with torch.no_grad():
+        for index, name in ((0, "dense"), (2, "out_proj")):
+            head[index].weight.copy_(state[f"{root}.{name}.weight"])
+            head[index].bias.copy_(state[f"{root}.{name}.bias"])
+    return head.eval().requires_grad_(False), "eos"
 
 
 def linear_head(adapter: str, kind: str, state: dict[str, Any], shared_model: Any, width: int

@@ -24,7 +24,7 @@ from ..config.recipe import AdaLoraSection, Recipe
 from ..core import adalora
 from ..core.build import BuiltModel, Plan
 from ..core.data import eval_batches, plan_batches, short_run_notice, steps_per_epoch
-from ..core.evaluation import collect, in_row_order, metrics_by_source
+from ..core.evaluation import collect, in_row_order, metrics_by_source, model_metrics
 from ..core.models import describe_quantization, fingerprint, pick_device
 from ..core.rank_report import HEATMAP_FILE, save_heatmap
 from ..errors import PeftkitError
@@ -124,7 +124,8 @@ class Evaluator:
             torch.distributed.all_gather_object(gathered, collected)
             collected = {k: torch.cat([g[k] for g in gathered if k in g]) for k in collected}
             collected = in_row_order(collected, len(self.plan.eval_rows), self.batch_size, self.world)
-        return metrics_by_source(self.plan.task, collected, self.plan.eval_parts)
+        metrics = metrics_by_source(self.plan.task, collected, self.plan.eval_parts)
+        return {**metrics, **model_metrics(model, self.plan.task, self.plan.tokenizer, self.plan.eval_rows)}
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False,
