@@ -122,6 +122,12 @@ def test_label_all_subwords_tags_every_sub_token_a_b_tag_as_its_i_tag():
     assert enc["labels"][0] == [-100, 0, 1, -100, 2, -100, -100, 0, 0, -100]  # still scored per word
     batch = task.collate([{k: v[0] for k, v in enc.items()}], _wordpiece_tokenizer())
     assert set(batch) - set(task.model_inputs(batch)) == {"labels", "subword_labels"}
+    # the loss is the mean over every tagged sub-token (8 here), not over the 5 first ones
+    logits = torch.randn(1, 10, 3)
+    targets = torch.tensor(enc["subword_labels"][0])
+    kept = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[0][kept], targets[kept])
+    torch.testing.assert_close(task.loss(type("Out", (), {"logits": logits})(), batch), expected)
 
 
 def test_truncated_words_are_neither_trained_nor_scored_and_eval_rows_are_word_level():
