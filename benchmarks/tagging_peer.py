@@ -6,8 +6,8 @@ What a careful user writes from transformers' token-classification example: the 
 same eval rows as peftkit's (``datasets``' ``train_test_split`` of 10 % with the seed), words tokenized with
 ``is_split_into_words`` and each word's tag on its first sub-token, ``DataCollatorForTokenClassification``,
 LoRA r=8 / alpha 16 / dropout 0.05 on every linear layer of the encoder and the classifier trained in full
-(``modules_to_save``), AdamW at the recipe's two learning rates (adapter 2e-3, head 4e-3), linear schedule with
-6 % warm-up, gradient clip 1.0, 3 epochs at batch 16, max length 64. The one peftkit import is
+(``modules_to_save``), AdamW at the recipe's two learning rates (``--lr`` 1e-3 for the adapter, ``--head-lr``
+2e-3 for the head), linear schedule with 6 % warm-up, gradient clip 1.0, 3 epochs at batch 16, max length 64. The one peftkit import is
 ``peftkit.tasks.spans.entity_scores``, a pure function, so that both score entities identically. Writes
 ``benchmarks/results/tagging/peer-seed<S>.json``.
 """
@@ -45,6 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--head-lr", type=float, default=2e-3)
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--limit", type=int, default=None, help="train rows kept (a smoke test)")
     parser.add_argument("--out", default=None, help="result file (default benchmarks/results/tagging/peer-seedS.json)")
@@ -93,7 +95,8 @@ def main() -> None:
     model = get_peft_model(model, config)
     head = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
     adapter = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n]
-    optimizer = torch.optim.AdamW([{"params": adapter, "lr": 2e-3}, {"params": head, "lr": 4e-3}], weight_decay=0.0)
+    optimizer = torch.optim.AdamW([{"params": adapter, "lr": args.lr}, {"params": head, "lr": args.head_lr}],
+                                  weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_enc) / 16)
     total = args.max_steps if args.max_steps > 0 else int(round(steps_per_epoch * args.epochs))
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(0.06 * total), num_training_steps=total)
