@@ -7,9 +7,9 @@ same eval rows as peftkit's (``datasets``' ``train_test_split`` of 10 % with the
 ``is_split_into_words`` and each word's tag on its first sub-token, ``DataCollatorForTokenClassification``,
 LoRA r=8 / alpha 16 / dropout 0.05 on every linear layer of the encoder and the classifier trained in full
 (``modules_to_save``), AdamW at the recipe's two learning rates (``--lr`` 1e-3 for the adapter, ``--head-lr``
-2e-3 for the head), linear schedule with 6 % warm-up, gradient clip 1.0, 3 epochs at batch 16, max length 64. The one peftkit import is
-``peftkit.tasks.spans.entity_scores``, a pure function, so that both score entities identically. Writes
-``benchmarks/results/tagging/peer-seed<S>.json``.
+2e-3 for the head), linear schedule with 6 % warm-up, gradient clip 1.0, 3 epochs at batch 16, max length 64.
+The one peftkit import is ``peftkit.tasks.spans.entity_scores``, a pure function, so that both score entities
+identically. Writes ``benchmarks/results/tagging/peer-seed<S>.json``.
 """
 
 from __future__ import annotations

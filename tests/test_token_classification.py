@@ -328,7 +328,8 @@ def test_server_tags_words_as_the_model_does_beside_a_classifier_in_one_batch(ta
     train(build_recipe(classifier), **QUIET)
     loaded = load_trained(result.adapter_dir)
     sentences = [words for words, _ in _tagged_sentences(6, seed=9)]
-    rows = [" ".join(sentences[0]), {"tokens": sentences[1]}, "the film was good", *[" ".join(s) for s in sentences[2:]]]
+    rows = [" ".join(sentences[0]), {"tokens": sentences[1]}, "the film was good",
+            *[" ".join(s) for s in sentences[2:]]]
     names = ["tiny", "tiny", "cls", *["tiny"] * 4]
     server = load_server(registry, ["tiny", "cls"])
     mixed = server.predict(rows, names, batch_size=4)
