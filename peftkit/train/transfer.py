@@ -75,7 +75,9 @@ def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: li
     check_finite(weights.items(), f"{key}: {source}", "it cannot start another adapter; retrain it")
     head = _head_decision(recipe.adapter.init_head, metadata, task, source)
     if head == "reinit":  # peft loads the head with the adapter: hand it this model's fresh head instead
-        weights = {k: v for k, v in weights.items() if not any(f".{h}." in k for h in head_modules)}
+        # the parent's head goes too: a masked LM's transform has no place in a classifier, nor its classifier here
+        dropped = {*head_modules, *metadata.adapter.head_modules}
+        weights = {k: v for k, v in weights.items() if not any(f".{h}." in k for h in dropped)}
         for name, p in model.named_parameters():
             if ".modules_to_save.default." in name:
                 weights[name.replace(".modules_to_save.default", "")] = p.detach().clone()
@@ -96,13 +98,13 @@ def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: li
 
 
 def _head_decision(choice: str, parent: AdapterMetadata, task: TaskHead, source: str) -> str:
-    same = parent.task.type == task.name and parent.task.state.labels == task.state.get("labels")
+    labels = getattr(parent.task.state, "labels", None)  # a head without labels (a language model) has none
+    same = parent.task.type == task.name and labels == task.state.get("labels")
     if choice == "keep" and not same:
-        raise PeftkitError(
-            f"adapter.init_head: keep needs the same task and labels as {source} "
-            f"({parent.task.state.labels} there, {task.state.get('labels')} here); "
-            "set adapter.init_head: reinit"
-        )
+        kin = parent.task.type == task.name
+        theirs, ours = (labels, task.state.get("labels")) if kin else (f"a {parent.task.type} head", f"a {task.name} head")
+        raise PeftkitError(f"adapter.init_head: keep needs the same task and labels as {source} ({theirs} there, "
+                           f"{ours} here); set adapter.init_head: reinit")
     if choice == "auto":
         return "keep" if same else "reinit"
     return choice
