@@ -87,7 +87,8 @@ def train_stored(args: argparse.Namespace, recipe: str, name: str, extra: list[s
     start = time.time()
     result = train(load_recipe(REPO / recipe, sets), overwrite=True, echo=lambda line: print(f"  {line}", flush=True))
     record.update(ok=True, command=command, seconds=round(time.time() - start, 1), metrics=result.metrics,
-                  optimizer_steps=result.metadata.training.optimizer_steps, train_rows=result.metadata.training.train_rows,
+                  optimizer_steps=result.metadata.training.optimizer_steps,
+                  train_rows=result.metadata.training.train_rows,
                   provenance={k: v for k, v in result.metadata.provenance.items() if k != "parent_files"},
                   machine=machine_info(), commit=git_commit_short())
     return record

@@ -12,7 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from peftkit.cli import main
 from peftkit.config.recipe import build_recipe
 from peftkit.errors import PeftkitError
 from peftkit.ops.export import export
@@ -103,7 +105,8 @@ def test_masks_are_reproducible_fresh_each_epoch_and_skip_special_tokens(mlm_dir
     assert (first["input_ids"][chosen] == tokenizer.mask_token_id).float().mean() > 0.5
     # the eval mask is fixed: the same in any batch, on every call
     assert torch.equal(task.collate(features, tokenizer)["labels"], task.collate(features, tokenizer)["labels"])
-    assert torch.equal(task.collate(features[1:2], tokenizer)["labels"][0], task.collate(features, tokenizer)["labels"][1])
+    fixed = task.collate(features, tokenizer)["labels"]
+    assert torch.equal(task.collate(features[1:2], tokenizer)["labels"][0], fixed[1])
 
 
 def test_the_loss_reads_the_masked_tokens_only(mlm_dir):
@@ -182,11 +185,18 @@ def test_reload_predict_serve_and_eval(mlm_dir, trained, tmp_path):
     own = sum(p.numel() * p.element_size() for p in trained_model.parameters() if p.requires_grad)
     assert server.memory()["adapters"]["mlm"] == own
 
-    # peftkit eval on a file: the metrics of training's last evaluation on the same rows
+    # `peftkit predict` prints the same as JSON lines
+    result = CliRunner().invoke(main, ["predict", "--adapter", "mlm", "--registry", str(trained.registry.root), text])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.splitlines()[-1]) == {"row": 0, "text": text, **prediction}
+
+    # peftkit eval on a file of the same kind of text: far below the untrained model's loss
     rows = (mlm_dir / "text.txt").read_text().split("\n\n")
     (tmp_path / "eval.txt").write_text("\n\n".join(rows[:40]))
     scores = evaluate_file(loaded, str(tmp_path / "eval.txt"))["metrics"]
-    assert set(scores) == {"loss", "perplexity", "accuracy"} and scores == evaluate_file(loaded, str(tmp_path / "eval.txt"))["metrics"]
+    assert set(scores) == {"loss", "perplexity", "accuracy"}
+    assert scores["loss"] < trained.result.metadata.history[0]["loss"] - 0.3
+    assert scores == evaluate_file(loaded, str(tmp_path / "eval.txt"))["metrics"]  # the eval mask is fixed
 
 
 def test_serving_refuses_to_mix_with_a_classifier(mlm_dir, trained):

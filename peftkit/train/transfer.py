@@ -101,8 +101,9 @@ def _head_decision(choice: str, parent: AdapterMetadata, task: TaskHead, source:
     labels = getattr(parent.task.state, "labels", None)  # a head without labels (a language model) has none
     same = parent.task.type == task.name and labels == task.state.get("labels")
     if choice == "keep" and not same:
-        kin = parent.task.type == task.name
-        theirs, ours = (labels, task.state.get("labels")) if kin else (f"a {parent.task.type} head", f"a {task.name} head")
+        theirs, ours = labels, task.state.get("labels")
+        if parent.task.type != task.name:
+            theirs, ours = f"a {parent.task.type} head", f"a {task.name} head"
         raise PeftkitError(f"adapter.init_head: keep needs the same task and labels as {source} ({theirs} there, "
                            f"{ours} here); set adapter.init_head: reinit")
     if choice == "auto":
