@@ -199,11 +199,17 @@ def test_reload_predict_serve_and_eval(mlm_dir, trained, tmp_path):
     assert scores == evaluate_file(loaded, str(tmp_path / "eval.txt"))["metrics"]  # the eval mask is fixed
 
 
-def test_serving_refuses_to_mix_with_a_classifier(mlm_dir, trained):
+@pytest.fixture(scope="module")
+def classifier(mlm_dir, trained) -> str:
+    """A classifier on the same base, in the same registry."""
     data = make_recipe(mlm_dir, trained.out, train={"max_steps": 2, "eval_at_start": False})
     data["base"]["model"] = str(mlm_dir / "bert")
     data["output"]["name"] = "classifier"
     train(build_recipe(data), **QUIET)
+    return "classifier"
+
+
+def test_serving_refuses_to_mix_with_a_classifier(trained, classifier):
     with pytest.raises(PeftkitError, match=r"^mlm needs the base loaded as AutoModelForMaskedLM and classifier as "
                                            r"AutoModel; serve them in separate servers$"):
         load_server(trained.registry, ["mlm", "classifier"])
@@ -264,6 +270,15 @@ def test_a_classifier_starts_from_a_masked_lm_adapter(mlm_dir, trained):
     with pytest.raises(PeftkitError, match=r"^adapter.init_head: keep needs the same task and labels as mlm \(a "
                                            r"masked_lm head there, a classification head here\); set "
                                            r"adapter.init_head: reinit$"):
+        prepare_run(build_recipe(data), torch.device("cpu"))
+
+
+def test_a_masked_lm_cannot_start_from_a_classifier_with_a_pooler(mlm_dir, trained, classifier):
+    data = _recipe(mlm_dir, trained.out, "mlm-from-classifier")
+    data["adapter"]["init_from"] = classifier
+    with pytest.raises(PeftkitError, match=r"^adapter.init_from: classifier adapts modules this model does not have "
+                                           r"\(base_model.model.bert.pooler.dense.lora_A.weight\); its classification "
+                                           r"model has modules a masked_lm model lacks$"):
         prepare_run(build_recipe(data), torch.device("cpu"))
 
 

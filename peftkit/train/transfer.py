@@ -91,8 +91,10 @@ def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: li
     result = set_peft_model_state_dict(model, weights, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise PeftkitError(f"{key}: {source} adapts modules this model does not have ({unexpected[0]}); "
-                           "it was trained on another architecture")
+        kin = metadata.task.type == task.name
+        why = "it was trained on another architecture" if kin else \
+            f"its {metadata.task.type} model has modules a {task.name} model lacks"
+        raise PeftkitError(f"{key}: {source} adapts modules this model does not have ({sorted(unexpected)[0]}); {why}")
     return {"init_from": source, "head": "kept" if head == "keep" else "reinitialised",
             "parent_created": metadata.created, "parent_files": metadata.files}
 
