@@ -184,7 +184,8 @@ class TaskHead(ABC):
     def shared_head(self, adapter: str, state: dict[str, "torch.Tensor"], shared_model: Any
                     ) -> tuple[Any, Optional[str]]:
         """The module applied to this adapter's rows on the shared base, built from its saved head tensors, and
-        its pooling ("pooler", "last_token"); (None, None) for a head that predicts with the base's own output."""
+        its pooling ("pooler", "last_token", or "tokens": every token, as a masked LM); (None, None) for a head
+        that predicts with the base's own output."""
         if state:
             raise PeftkitError(f"{adapter}: a {self.name} adapter with trained modules {sorted(state)} cannot share "
                                "a base; serve it alone")
