@@ -89,6 +89,7 @@ def peft_config(section: AdapterSection, task: TaskHead, targets: list[str], mod
         lora_dropout=section.lora_dropout,
         task_type=task.peft_task_type,
         modules_to_save=list(modules_to_save) or None,  # a copy: peft extends this list in place for SEQ_CLS
+        exclude_modules=base_head_linears(model, task) or None,  # leaf names such as `dense` also match there
         **_layers_kwargs(section, model),
     )
     if isinstance(section, LoraSection):
@@ -111,6 +112,14 @@ def peft_config(section: AdapterSection, task: TaskHead, targets: list[str], mod
         total_step=total_step,
         **common,
     )
+
+
+def base_head_linears(model: nn.Module, task: TaskHead) -> list[str]:
+    """Full names of the linear layers inside the base's own output head (``task.unquantized_modules``), which
+    no adapter targets."""
+    heads = set(task.unquantized_modules)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and heads & set(name.split("."))]
 
 
 def present_head_modules(model: nn.Module, task: TaskHead) -> list[str]:

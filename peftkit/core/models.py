@@ -352,8 +352,8 @@ def load_base_for_task(recipe: "Recipe", task: "TaskHead", base: BaseRef, tokeni
     from .quantized import freeze_quantized_layers
 
     def load(auto_class: Any, **kwargs: Any) -> Any:
-        return load_pretrained(auto_class, base, recipe.base, recipe.quantization, list(task.head_module_names),
-                               device, **kwargs)
+        keep = [*task.head_module_names, *task.unquantized_modules]  # the head's modules stay in full precision
+        return load_pretrained(auto_class, base, recipe.base, recipe.quantization, keep, device, **kwargs)
 
     model = task.load_model(load, tokenizer)
     freeze_quantized_layers(model, packed_inference)

@@ -50,10 +50,10 @@ def export_peft(files: dict[str, bytes], metadata: AdapterMetadata, staging: Pat
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     base = resolve_base(base_section)
     load_tokenizer(base, base_section).save_pretrained(staging)
-    task_type = model_card.peft_task_type(metadata)
+    auto = model_card.model_class_name(metadata)
     return {
-        "snippet": model_card.peft_snippet(metadata, str(out), portable, task_type),
-        "load_plain": lambda: model_card.peft_load(metadata, str(staging), str(base.path), task_type),
+        "snippet": model_card.peft_snippet(metadata, str(out), portable, auto),
+        "load_plain": lambda: model_card.peft_load(metadata, str(staging), str(base.path), auto),
         "base": portable,
     }
 

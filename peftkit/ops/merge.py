@@ -130,9 +130,9 @@ def requantization(quantize: Optional[str], source_quant: QuantizationSection, d
 def _auto_class(metadata: StoredMetadata) -> Any:
     import transformers
 
-    from .model_card import auto_class_name, peft_task_type
+    from .model_card import model_class_name
 
-    return getattr(transformers, auto_class_name(peft_task_type(metadata)))
+    return getattr(transformers, model_class_name(metadata))
 
 
 def merged_float_model(loaded: Any, sample: Sample, device: torch.device) -> tuple[Any, dict[str, Any]]:
@@ -221,7 +221,8 @@ def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str]
             del merged
             quantized = auto_class.from_pretrained(
                 float_copy, dtype=getattr(torch, target_dtype), device_map={"": device},
-                quantization_config=bnb_config(requant, metadata.adapter.head_modules))
+                quantization_config=bnb_config(requant, [*metadata.adapter.head_modules,
+                                                         *loaded.task.unquantized_modules]))
             quantized.save_pretrained(staging)
             del quantized
             shutil.rmtree(float_copy)
@@ -255,7 +256,7 @@ def merge(registry: Registry, source: str, out: str | Path, dtype: Optional[str]
                    + " A plain transformers model: no peft needed.")
         model_card.write(staging, model_card.render(
             metadata, "merged", f"{out.name}: {name} merged into {model_card.hub_base_id(metadata)}", summary,
-            model_card.merged_snippet(str(out), model_card.peft_task_type(metadata), requant is not None),
+            model_card.merged_snippet(str(out), model_card.model_class_name(metadata), requant is not None),
             "transformers", drift=drift, quantized_to=quantize))
         seal(staging, build_metadata(
             kind="merged", name=out.name, merged_from=name, **derived_fields(metadata), merge=merge_info, drift=drift,

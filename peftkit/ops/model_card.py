@@ -79,7 +79,8 @@ def base_arguments(metadata: AdapterMetadata) -> list[list[tuple[str, Any, str]]
         label2id = {name: i for i, name in enumerate(labels)}
         groups.append([("num_labels", len(labels), repr(len(labels))), ("id2label", id2label, repr(id2label)),
                        ("label2id", label2id, repr(label2id))])
-    config = bnb_config(metadata.base.quantization, metadata.adapter.head_modules)
+    keep = [*metadata.adapter.head_modules, *metadata.task.head().unquantized_modules]  # as training kept them
+    config = bnb_config(metadata.base.quantization, list(dict.fromkeys(keep)))
     if config is not None:
         groups += [[("quantization_config", config, bnb_config_code(config))],
                    [("device_map", {"": "cuda:0" if torch.cuda.is_available() else "cpu"},
@@ -87,9 +88,8 @@ def base_arguments(metadata: AdapterMetadata) -> list[list[tuple[str, Any, str]]
     return groups
 
 
-def peft_snippet(metadata: AdapterMetadata, folder: str, base: str, task_type: str) -> str:
-    """Plain transformers + peft code that loads an exported adapter on its base."""
-    auto = auto_class_name(task_type)
+def peft_snippet(metadata: AdapterMetadata, folder: str, base: str, auto: str) -> str:
+    """Plain transformers + peft code that loads an exported adapter on its base (``auto``: the auto class)."""
     groups = base_arguments(metadata)
     quantized = any(name == "quantization_config" for group in groups for name, _, _ in group)
     imports = [auto, "AutoTokenizer"] + (["BitsAndBytesConfig"] if quantized else [])
@@ -101,28 +101,37 @@ def peft_snippet(metadata: AdapterMetadata, folder: str, base: str, task_type: s
             f"tokenizer = AutoTokenizer.from_pretrained({folder!r})\n")
 
 
-def peft_load(metadata: AdapterMetadata, folder: str, base: str, task_type: str) -> Any:
+def peft_load(metadata: AdapterMetadata, folder: str, base: str, auto: str) -> Any:
     """The ``model`` that :func:`peft_snippet`'s code builds, built by this fixed code on the same arguments."""
     import transformers
     from peft import PeftModel
 
     kwargs = {name: value for group in base_arguments(metadata) for name, value, _ in group}
-    plain = getattr(transformers, auto_class_name(task_type)).from_pretrained(base, **kwargs)
+    plain = getattr(transformers, auto).from_pretrained(base, **kwargs)
     return PeftModel.from_pretrained(plain, folder).eval()
 
 
-def merged_snippet(folder: str, task_type: str, quantized: bool) -> str:
-    auto = auto_class_name(task_type)
+def merged_snippet(folder: str, auto: str, quantized: bool) -> str:
     device = ', device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"}' if quantized else ""
     return (f"import torch\nfrom transformers import {auto}, AutoTokenizer\n\n"
             f"model = {auto}.from_pretrained({folder!r}{device}).eval()\n"
             f"tokenizer = AutoTokenizer.from_pretrained({folder!r})\n")
 
 
-def peft_task_type(metadata: AdapterMetadata) -> str:
+def model_class_name(metadata: AdapterMetadata) -> str:
+    """The transformers auto class of the adapter's task model: its head's own (``TaskHead.auto_class``), else
+    peft's pairing for the head's peft task type."""
     from ..tasks import task_types
 
-    return task_types()[metadata.task.type].peft_task_type
+    head = task_types()[metadata.task.type]
+    return head.auto_class or auto_class_name(head.peft_task_type)
+
+
+def pipeline_tag(metadata: AdapterMetadata) -> Optional[str]:
+    from ..tasks import task_types
+
+    head = task_types()[metadata.task.type]
+    return head.pipeline_tag or PIPELINE_TAGS.get(head.peft_task_type)
 
 
 def _data_sets(data: DataSection) -> tuple[list[str], list[str]]:
@@ -156,12 +165,11 @@ def render(metadata: AdapterMetadata, kind: str, title: str, summary: str, snipp
     from huggingface_hub import ModelCardData
 
     metrics = dict(metadata.metrics)
-    peft_type = peft_task_type(metadata)
     hub_data, local_data = _data_sets(metadata.recipe.data)
     card = ModelCardData(
         base_model=hub_base_id(metadata), library_name=library, tags=_tags(metadata, kind, quantized_to),
         datasets=hub_data or None, metrics=sorted(metrics) or None,
-        pipeline_tag=PIPELINE_TAGS.get(peft_type),
+        pipeline_tag=pipeline_tag(metadata),
     )
     lines = ["---", card.to_yaml(), "---", "", f"# {title}", "", summary, ""]
     if local_data:

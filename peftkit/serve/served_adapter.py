@@ -38,7 +38,7 @@ class ServedAdapter:
     lora_config: Any  # peft LoraConfig keyed for the shared model
     lora_weights: dict[str, torch.Tensor]  # peft's on-disk names, keyed for the shared model
     head: Optional[nn.Module]  # the head's own module (TaskHead.shared_head), or None
-    pooling: Optional[str]  # "pooler" (BERT-style pooled output), "last_token" (decoders) or "tokens" (taggers)
+    pooling: Optional[str]  # "pooler" (BERT-style pooled output), "last_token" (decoders) or "tokens" (taggers, masked LMs)
     use_dora: bool
 
 

@@ -82,11 +82,13 @@ class Server:
     def memory(self) -> dict[str, Any]:
         """Bytes of the shared base, and what each adapter adds (its LoRA weights and head)."""
         per_adapter = {}
+        shared = {id(p) for p in self.model.parameters()}  # a head may reuse the base's own modules (masked LM)
         for name, served in self.adapters.items():
             internal = f".{self.peft_names[name]}."
             lora = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
                        if internal in n and ".lora_" in n)
-            head = sum(p.numel() * p.element_size() for p in served.head.parameters()) if served.head else 0
+            head = sum(p.numel() * p.element_size() for p in served.head.parameters()
+                       if id(p) not in shared) if served.head else 0
             per_adapter[name] = lora + head
         return {"base_bytes": self.base_bytes, "adapters": per_adapter,
                 "total_bytes": self.base_bytes + sum(per_adapter.values())}
@@ -183,7 +185,7 @@ class Server:
 
     def _forward(self, encoded: list[Encoded], names: list[str]) -> list[torch.Tensor]:
         batch = self._pad(encoded)
-        body = self.model.get_decoder() if self.decoder else self.model
+        body = self.model.get_decoder() if self.decoder else self.model.base_model  # the encoder itself, or its body
         with self._routed(names):
             out = self._encoder_decoder_body(batch) if self.encoder_decoder else body(**batch)
         hidden = out.last_hidden_state
@@ -192,7 +194,7 @@ class Server:
         for i, name in enumerate(names):
             served = self.adapters.get(name)
             if served is not None and served.head is not None:
-                if served.pooling == "tokens":  # a tagger: the head on every token of the row
+                if served.pooling == "tokens":  # the head on every token of the row (a tagger, a masked LM)
                     features = hidden[i, : int(lengths[i])]
                 elif served.pooling == "pooler":
                     features = out.pooler_output[i]
@@ -360,19 +362,22 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
         check_same_base(base, first.metadata, ", ".join(names))
     tokenizer = load_tokenizer(base, recipe.base)
     torch_device = pick_device(device)
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    import transformers
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base.path, trust_remote_code=recipe.base.trust_remote_code)
     decoder, encoder_decoder = _is_decoder(config), _is_encoder_decoder(config)
+    heads = [s.metadata.task.head() for s in snapshots]
+    auto = "AutoModelForSeq2SeqLM" if encoder_decoder else _shared_class(snapshots, heads, decoder)
     # what the adapters' task models kept out of quantization
-    keep = ["lm_head", "score", "classifier", "classification_head"]
-    auto = AutoModelForCausalLM if decoder else AutoModelForSeq2SeqLM if encoder_decoder else AutoModel
-    model = load_pretrained(auto, base, recipe.base, quantization, keep, torch_device)
+    keep = list(dict.fromkeys(["lm_head", "score", "classifier", "classification_head",
+                               *(m for h in heads for m in h.unquantized_modules)]))
+    model = load_pretrained(getattr(transformers, auto), base, recipe.base, quantization, keep, torch_device)
     freeze_quantized_layers(model, packed_inference)  # a server only predicts
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     base_bytes = memory_footprint(model)
-    strip = None if decoder else model.base_model_prefix
+    strip = model.base_model_prefix if auto == "AutoModel" else None  # adapters were trained on the task model
     served = {s.name: prepare(s, model, strip) for s in snapshots}
     peft_model = _inject(model, served)
     for adapter in served.values():
@@ -389,6 +394,18 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
                      for s, r in zip(snapshots, recipes)},
     }
     return Server(model, peft_model, tokenizer, served, decoder, base_bytes, description, encoder_decoder)
+
+
+def _shared_class(snapshots: list[Any], heads: list[Any], decoder: bool) -> str:
+    """The auto class the shared base loads with: the one every adapter's head asks for (``TaskHead.serve_base``)."""
+    default = "AutoModelForCausalLM" if decoder else "AutoModel"
+    wanted = {s.name: h.serve_base or default for s, h in zip(snapshots, heads)}
+    first = next(iter(wanted))
+    other = next((name for name, auto in wanted.items() if auto != wanted[first]), None)
+    if other is not None:
+        raise PeftkitError(f"{first} needs the base loaded as {wanted[first]} and {other} as {wanted[other]}; serve "
+                           "them in separate servers")
+    return wanted[first]
 
 
 def _inject(model: nn.Module, served: dict[str, ServedAdapter]) -> Any:

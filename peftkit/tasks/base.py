@@ -42,7 +42,7 @@ class TaskHead(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[HeadOptions]]
     State: ClassVar[type[HeadState]] = HeadState  # what ``state`` may hold once fitted (checked on save and load)
-    peft_task_type: ClassVar[str]
+    peft_task_type: ClassVar[Optional[str]]  # None: a head peft has no task type for (see auto_class)
     # role -> column names tried, in order, when data.columns does not map the role
     roles: ClassVar[dict[str, tuple[str, ...]]]
     required_roles: ClassVar[tuple[str, ...]]
@@ -155,6 +155,32 @@ class TaskHead(ABC):
         eval ``rows``; called in eval mode without gradients, after :meth:`metrics`. Default: none."""
         return {}
 
+    # ---- hooks of heads whose base keeps a head of its own (masked LM): each default leaves other heads as they are
+
+    # modules of the base's own output head: never quantized, never adapted by LoRA, frozen unless also named in
+    # head_module_names (a masked LM's tied vocabulary decoder stays the base's)
+    unquantized_modules: ClassVar[tuple[str, ...]] = ()
+    # the transformers auto class of the head's model and the hub's pipeline tag, for heads peft has no task type
+    # for (peft_task_type None); None: peft's pairing for peft_task_type
+    auto_class: ClassVar[Optional[str]] = None
+    pipeline_tag: ClassVar[Optional[str]] = None
+    # the auto class the multi-adapter server loads the shared base with for this head's adapters; None: the
+    # base's body (AutoModel) for an encoder, AutoModelForCausalLM for a decoder
+    serve_base: ClassVar[Optional[str]] = None
+
+    def train_collate(self, features: list[dict[str, Any]], tokenizer: Any, seed: int, epoch: int,
+                      rows: list[int]) -> dict[str, "torch.Tensor"]:
+        """A training batch of encoded rows ``rows`` (their indices in the training set) in epoch ``epoch``: by
+        default :meth:`collate`. A head whose inputs are drawn afresh every epoch (a masked LM's mask) draws them
+        here from ``seed``, ``epoch`` and the row indices, so a run (resumed or on several processes) reproduces."""
+        return self.collate(features, tokenizer)
+
+    def batch_loss_items(self, batch: dict[str, "torch.Tensor"]) -> Optional[int]:
+        """How many items a collated training batch's loss sums over (:meth:`loss_sum`), for a head whose count is
+        known only once the batch is drawn (a masked LM's masked tokens); None (the default): the sum of
+        :meth:`loss_items` over its rows, or a mean over rows."""
+        return None
+
     # ---- serving: many adapters on one shared base (peftkit.serve.serving) --------------------------------------
     # A head says here what a request row holds, how it is encoded, what module the shared base applies for
     # it and what a prediction is, so the server names no head: a new head is one file in tasks/.
@@ -170,7 +196,8 @@ class TaskHead(ABC):
     def shared_head(self, adapter: str, state: dict[str, "torch.Tensor"], shared_model: Any
                     ) -> tuple[Any, Optional[str]]:
         """The module applied to this adapter's rows on the shared base, built from its saved head tensors, and
-        its pooling ("pooler", "last_token"); (None, None) for a head that predicts with the base's own output."""
+        its pooling ("pooler", "last_token", or "tokens": every token, as a masked LM); (None, None) for a head
+        that predicts with the base's own output."""
         if state:
             raise PeftkitError(f"{adapter}: a {self.name} adapter with trained modules {sorted(state)} cannot share "
                                "a base; serve it alone")

@@ -12,8 +12,8 @@ peftkit replaces only these parts:
 * :meth:`compute_loss`: the task head computes its loss from the model's raw outputs (the model is never given
   the labels). A head whose loss is a mean over rows is scaled by Trainer (1 / micro-batches of the step); a
   head whose loss is a mean over tokens is divided by the tokens of the whole accumulated step on every process
-  (:meth:`get_batch_samples` counts them with the head's ``loss_items``: Trainer's own count reads shifted
-  ``labels``, which only a causal LM has).
+  (:meth:`get_batch_samples` counts them with the head's ``loss_items``, or ``batch_loss_items`` for a head whose
+  count is drawn with the batch: Trainer's own count reads shifted ``labels``, which only a causal LM has).
 * :meth:`create_optimizer` / :meth:`create_scheduler`: one fused AdamW with a learning rate per group (the head's
   ``train.head_lr``, AdaLoRA's ``lr_scale``, LoRA+'s ratio), which Trainer's single learning rate cannot give.
 * :meth:`evaluate`: the task's metrics, per eval data set too, from per-row tensors gathered across processes
@@ -151,6 +151,7 @@ class PeftkitTrainer(Trainer):
         t, rows = self.recipe.train, self.plan.train_rows
         sampler = PlannedBatches([len(ids) for ids in rows["input_ids"]], t.batch_size, t.seed, t.group_by_length,
                                  self.rank, self.world)
+        self.planned = sampler  # its epoch seeds the heads that draw their inputs afresh every epoch
         # a generator of its own: each epoch's iterator draws a seed from it, which from the global one would
         # shift every dropout mask after it (the batches come from the planner's own seeded generator)
         return EpochLoader(RowIndices(len(rows)), batch_sampler=sampler, collate_fn=self._collate,
@@ -158,11 +159,13 @@ class PeftkitTrainer(Trainer):
                            generator=torch.Generator().manual_seed(t.seed))
 
     def _collate(self, index: list[int]) -> dict[str, Any]:
-        rows = self.plan.train_rows
-        batch: dict[str, Any] = dict(self.plan.task.collate([rows[i] for i in index], self.plan.tokenizer))
+        rows, task = self.plan.train_rows, self.plan.task
+        batch: dict[str, Any] = dict(task.train_collate([rows[i] for i in index], self.plan.tokenizer,
+                                                        self.recipe.train.seed, self.planned.epoch, index))
         batch[ROWS_KEY] = len(index)
-        if self.row_items is not None:
-            batch[ITEMS_KEY] = sum(self.row_items[i] for i in index)
+        items = sum(self.row_items[i] for i in index) if self.row_items is not None else task.batch_loss_items(batch)
+        if items is not None:
+            batch[ITEMS_KEY] = items
         return batch
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
@@ -173,8 +176,9 @@ class PeftkitTrainer(Trainer):
             except StopIteration:
                 break
         self.examples += sum(b.pop(ROWS_KEY) for b in batches)
-        if self.row_items is None:
+        if not any(ITEMS_KEY in b for b in batches):
             return batches, None
+        self.loss_is_scaled_for_ga = True  # a head that counts its items per batch (batch_loss_items) is seen here
         # the items (tokens) of the whole optimizer step, over its micro-batches and every process: accumulating
         # 4 batches of 2 then equals one batch of 8, and two processes equal one, on rows of any length
         items = torch.tensor(float(sum(b.pop(ITEMS_KEY) for b in batches)), device=device)

@@ -75,7 +75,9 @@ def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: li
     check_finite(weights.items(), f"{key}: {source}", "it cannot start another adapter; retrain it")
     head = _head_decision(recipe.adapter.init_head, metadata, task, source)
     if head == "reinit":  # peft loads the head with the adapter: hand it this model's fresh head instead
-        weights = {k: v for k, v in weights.items() if not any(f".{h}." in k for h in head_modules)}
+        # the parent's head goes too: a masked LM's transform has no place in a classifier, nor its classifier here
+        dropped = {*head_modules, *metadata.adapter.head_modules}
+        weights = {k: v for k, v in weights.items() if not any(f".{h}." in k for h in dropped)}
         for name, p in model.named_parameters():
             if ".modules_to_save.default." in name:
                 weights[name.replace(".modules_to_save.default", "")] = p.detach().clone()
@@ -89,8 +91,10 @@ def initialise_from(model: Any, recipe: Recipe, task: TaskHead, head_modules: li
     result = set_peft_model_state_dict(model, weights, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise PeftkitError(f"{key}: {source} adapts modules this model does not have ({unexpected[0]}); "
-                           "it was trained on another architecture")
+        kin = metadata.task.type == task.name
+        why = "it was trained on another architecture" if kin else \
+            f"its {metadata.task.type} model has modules a {task.name} model lacks"
+        raise PeftkitError(f"{key}: {source} adapts modules this model does not have ({sorted(unexpected)[0]}); {why}")
     return {"init_from": source, "head": "kept" if head == "keep" else "reinitialised",
             "parent_created": metadata.created, "parent_files": metadata.files}
 
@@ -99,11 +103,11 @@ def _head_decision(choice: str, parent: AdapterMetadata, task: TaskHead, source:
     # the whole state, not only labels: a regressor's head is fitted to its targets' scale (mean, std)
     same = parent.task.type == task.name and parent.task.state.to_json() == task.state
     if choice == "keep" and not same:
-        raise PeftkitError(
-            f"adapter.init_head: keep needs the same task and labels as {source} "
-            f"({parent.task.type} {parent.task.state.to_json()} there, {task.name} {task.state} here); "
-            "set adapter.init_head: reinit"
-        )
+        theirs, ours = parent.task.state.to_json(), task.state
+        if parent.task.type != task.name:
+            theirs, ours = f"a {parent.task.type} head", f"a {task.name} head"
+        raise PeftkitError(f"adapter.init_head: keep needs the same task and labels as {source} ({theirs} there, "
+                           f"{ours} here); set adapter.init_head: reinit")
     if choice == "auto":
         return "keep" if same else "reinit"
     return choice
