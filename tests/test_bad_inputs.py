@@ -134,7 +134,7 @@ BAD_INPUTS: list[tuple[str, int, str]] = [
     (f"{NO_DATA} base.dtype=float64", 1,
      f"Error: {RECIPE}: base.dtype: input should be 'float32', 'bfloat16' or 'float16' (got 'float64')"),
     (f"{NO_DATA} data.format=xlsx", 1,
-     f"Error: {RECIPE}: data.format: input should be 'auto', 'csv', 'tsv', 'json', 'jsonl', 'parquet' or 'txt' "
+     f"Error: {RECIPE}: data.format: input should be 'auto', 'csv', 'tsv', 'json', 'jsonl', 'parquet', 'txt' or 'conll' "
      "(got 'xlsx')"),
     (f"{NO_DATA} adapter.lora_alfa=8", 1, f"Error: {RECIPE}: adapter.lora_alfa: unknown key; did you mean `lora_alpha`?"),
     (f"{NO_DATA} adapter.init_r=8", 1,
@@ -197,7 +197,7 @@ BAD_INPUTS: list[tuple[str, int, str]] = [
      "short); fill it in or remove the row"),
     (f"validate {RECIPE} --set data.train=$root/data.xyz", 1,
      "Error: data.train: $root/data.xyz ends in .xyz, which is not a data format peftkit reads; give a csv, tsv, "
-     "json, jsonl, parquet or txt file, or set data.format"),
+     "json, jsonl, parquet, txt or conll file, or set data.format"),
     (f"validate {RECIPE} --set data.train=$root/empty.csv", 1, "Error: data.train: $root/empty.csv has no rows; it is empty"),
     (f"validate {RECIPE} --set data.train=$root/header.csv", 1,
      "Error: data.train: $root/header.csv has no rows below its header"),

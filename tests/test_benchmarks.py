@@ -398,11 +398,11 @@ def test_run_measured_reports_each_childs_own_peak(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "nope"], "Error: --tasks: unknown task 'nope'; choose among sst2, rte, mrpc, agnews, cola, sms, "
-                          "alpaca"),
+                          "stsb, alpaca"),
     (["--model", "minilm", "--tasks", "alpaca"], "Error: --model minilm: task alpaca runs on smollm2-135m; "
                                                  "drop --model or the task"),
     (["--seeds-for", "sst2=0"], "Error: --seeds-for: 'sst2=0' is not TASK=N with TASK among sst2, rte, mrpc, "
-                                "agnews, cola, sms, alpaca and N >= 1"),
+                                "agnews, cola, sms, stsb, alpaca and N >= 1"),
 ])
 def test_compare_methods_bad_input_is_one_line(args: list[str], message: str) -> None:
     proc = run_script("benchmarks/compare_methods.py", *args)

@@ -377,7 +377,9 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     base_bytes = memory_footprint(model)
-    strip = model.base_model_prefix if auto == "AutoModel" else None  # adapters were trained on the task model
+    # adapters were trained on the task model: a classifier's modules sit under the body (bert., transformer.), a
+    # T5 classifier's too while its seq2seq siblings and a masked LM's are on the same class as the shared base
+    strip = model.base_model_prefix if auto in ("AutoModel", "AutoModelForSeq2SeqLM") else None
     served = {s.name: prepare(s, model, strip) for s in snapshots}
     peft_model = _inject(model, served)
     for adapter in served.values():
