@@ -11,12 +11,10 @@ Metrics: mean token loss and perplexity over the tokens that carry a label.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Literal, Optional
 
 from .base import HeadOptions, HeadState, TaskHead
-
-IGNORE = -100
+from .token_loss import IGNORE, TokenLoss
 
 
 class CausalLMOptions(HeadOptions):
@@ -37,7 +35,7 @@ def _token_ids(encoded: Any) -> list[int]:
     return list(encoded)
 
 
-class CausalLM(TaskHead):
+class CausalLM(TokenLoss, TaskHead):
     name = "causal_lm"
     Options = CausalLMOptions
     State = CausalLMState
@@ -165,27 +163,11 @@ class CausalLM(TaskHead):
                                  reduction="none").view_as(targets)
         return losses, targets != IGNORE
 
-    def loss(self, outputs: Any, batch: dict[str, Any]) -> Any:
-        losses, counted = self._token_losses(outputs, batch)
-        return losses.sum() / counted.sum().clamp(min=1)
-
     def loss_items(self, row: dict[str, Any]) -> Optional[int]:
         """The tokens the loss counts in this row: every label after the first (each predicts the next token)
         that is not masked. An accumulated step divides by the sum over all its micro-batches and processes, so
         every token weighs the same however the rows fall into micro-batches (Trainer's ``num_items_in_batch``)."""
         return sum(1 for label in row["labels"][1:] if label != IGNORE)
-
-    def loss_sum(self, outputs: Any, batch: dict[str, Any]) -> Any:
-        losses, _ = self._token_losses(outputs, batch)
-        return losses.sum()
-
-    def eval_batch(self, outputs: Any, batch: dict[str, Any]) -> dict[str, Any]:
-        losses, counted = self._token_losses(outputs, batch)
-        return {"loss_sum": losses.sum(-1), "tokens": counted.sum(-1)}
-
-    def metrics(self, collected: dict[str, Any]) -> dict[str, float]:
-        loss = float(collected["loss_sum"].sum() / collected["tokens"].sum().clamp(min=1))
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
 TASK = CausalLM

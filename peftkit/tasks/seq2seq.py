@@ -13,15 +13,13 @@ of the greedy generations for the first ``task.eval_generate_rows`` eval rows ag
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional
 
 from pydantic import Field
 
 from ..text_metrics import generation_scores
 from .base import HeadOptions, HeadState, StateText, TaskHead
-
-IGNORE = -100
+from .token_loss import IGNORE, TokenLoss
 
 
 class Seq2SeqOptions(HeadOptions):
@@ -35,7 +33,7 @@ class Seq2SeqState(HeadState):
     decoder_start_token_id: Optional[int] = None  # the model's, known once it loads; starts every decoder input
 
 
-class Seq2Seq(TaskHead):
+class Seq2Seq(TokenLoss, TaskHead):
     name = "seq2seq"
     Options = Seq2SeqOptions
     State = Seq2SeqState
@@ -121,27 +119,12 @@ class Seq2Seq(TaskHead):
                                  reduction="none").view_as(labels)
         return losses, labels != IGNORE
 
-    def loss(self, outputs: Any, batch: dict[str, Any]) -> Any:
-        losses, counted = self._token_losses(outputs, batch)
-        return losses.sum() / counted.sum().clamp(min=1)
-
     def loss_items(self, row: dict[str, Any]) -> Optional[int]:
         """Every target token of the row is predicted once (the decoder inputs are the labels shifted right)."""
         return sum(1 for label in row["labels"] if label != IGNORE)
 
-    def loss_sum(self, outputs: Any, batch: dict[str, Any]) -> Any:
-        losses, _ = self._token_losses(outputs, batch)
-        return losses.sum()
-
     # ---- evaluation ------------------------------------------------------------------------------------
 
-    def eval_batch(self, outputs: Any, batch: dict[str, Any]) -> dict[str, Any]:
-        losses, counted = self._token_losses(outputs, batch)
-        return {"loss_sum": losses.sum(-1), "tokens": counted.sum(-1)}
-
-    def metrics(self, collected: dict[str, Any]) -> dict[str, float]:
-        loss = float(collected["loss_sum"].sum() / collected["tokens"].sum().clamp(min=1))
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     def eval_with_model(self, model: Any, tokenizer: Any, rows: Any) -> dict[str, float]:
         """Greedy generations for the first ``eval_generate_rows`` rows, scored against their targets."""
