@@ -336,16 +336,9 @@ def _same_columns(trains: list[Any], evals: list[tuple[str, Any]]) -> tuple[list
         for column in columns:
             if column not in part.column_names:
                 part = part.add_column(column, [None] * len(part))
-        return part.cast_column("label", _text_feature()).select_columns(columns) if "label" in columns else \
-            part.select_columns(columns)
+        return part.select_columns(columns)  # differently typed columns become text when they pool (_pool)
 
     return [filled(p) for p in trains], [(name, filled(e)) for name, e in evals]
-
-
-def _text_feature() -> Any:
-    import datasets
-
-    return datasets.Value("string")
 
 
 def encode(rows: Any, task: TaskHead, tokenizer: Any, max_length: int) -> Any:
