@@ -131,7 +131,8 @@ def test_served_under_each_task_name_in_mixed_batches(recipe_for, tiny_dir, tmp_
     data["output"]["name"] = "three"
     train(build_recipe(data), **QUIET)
     registry = Registry(tmp_path / "adapters")
-    server = load_server(registry, ["three:sent", "three:score", "three:pairs"])
+    # the float32 4-bit path, as load_trained takes: the packed default rounds on AVX512-BF16
+    server = load_server(registry, ["three:sent", "three:score", "three:pairs"], packed_inference=False)
     texts = ["good film", "bad awful king", {"text": "good", "text_pair": "the river"}, "awful"]
     names = ["three:sent", "three:score", "three:pairs", "three"]
     predictions = server.predict(texts, names)
