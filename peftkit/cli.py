@@ -389,7 +389,9 @@ def combine_command(names: tuple[str, ...], weights: str, method: str, density: 
 
 @main.command("export")
 @click.argument("name")
-@click.option("--format", "fmt", default="peft", show_default=True, help="Export format.")
+@click.option("--format", "fmt", default="peft", show_default=True,
+              help="peft (PeftModel.from_pretrained on the plain base) or gguf (a llama.cpp LoRA adapter: causal-LM "
+                   "adapters on Llama bases).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @click.option("--check", default=16, show_default=True, metavar="N", type=click.IntRange(min=0),
               help="Run the model card's loading code and compare it with peftkit on N eval rows (0: skip).")

@@ -208,7 +208,7 @@ class _Derived(_Common):
 
 class ExportMetadata(_Derived):
     kind: Literal["export"]
-    format: Literal["peft"]  # pinned to peftkit.ops.export.formats() by a test
+    format: Literal["peft", "gguf"]  # pinned to peftkit.ops.export.formats() by a test
     exported_from: AdapterName
     check: Optional[JsonDict]
 

@@ -101,14 +101,19 @@ def peft_snippet(metadata: AdapterMetadata, folder: str, base: str, auto: str) -
             f"tokenizer = AutoTokenizer.from_pretrained({folder!r})\n")
 
 
-def peft_load(metadata: AdapterMetadata, folder: str, base: str, auto: str) -> Any:
-    """The ``model`` that :func:`peft_snippet`'s code builds, built by this fixed code on the same arguments."""
+def plain_base(metadata: AdapterMetadata, base: str, auto: str) -> Any:
+    """The base as :func:`peft_snippet`'s code loads it, before the adapter."""
     import transformers
-    from peft import PeftModel
 
     kwargs = {name: value for group in base_arguments(metadata) for name, value, _ in group}
-    plain = getattr(transformers, auto).from_pretrained(base, **kwargs)
-    return PeftModel.from_pretrained(plain, folder).eval()
+    return getattr(transformers, auto).from_pretrained(base, **kwargs)
+
+
+def peft_load(metadata: AdapterMetadata, folder: str, base: str, auto: str) -> Any:
+    """The ``model`` that :func:`peft_snippet`'s code builds, built by this fixed code on the same arguments."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(plain_base(metadata, base, auto), folder).eval()
 
 
 def merged_snippet(folder: str, auto: str, quantized: bool) -> str:
@@ -159,7 +164,7 @@ def _tags(metadata: AdapterMetadata, kind: str, quantized_to: Optional[str]) -> 
 
 def render(metadata: AdapterMetadata, kind: str, title: str, summary: str, snippet: str,
            library: str, drift: Optional[dict[str, Any]] = None, quantized_to: Optional[str] = None,
-           check: Optional[dict[str, Any]] = None) -> str:
+           check: Optional[dict[str, Any]] = None, snippet_language: str = "python") -> str:
     """The model card's text; ``metadata`` is the source adapter's peftkit metadata, ``check`` an export's
     comparison of the card's code with peftkit."""
     from huggingface_hub import ModelCardData
@@ -191,7 +196,7 @@ def render(metadata: AdapterMetadata, kind: str, title: str, summary: str, snipp
         lines.append("")
     if (quantized_to in ("nf4", "fp4")) if kind == "merged" else metadata.base.quantization.bits == 4:
         lines += _cpu_path_section(check)
-    lines += ["## Loading", "", "```python", snippet.rstrip(), "```", "",
+    lines += ["## Loading", "", f"```{snippet_language}", snippet.rstrip(), "```", "",
               "## Provenance", "", "```json",
               json.dumps({"source_adapter": metadata.name, "base": metadata.base.identity,
                           "base_fingerprint": metadata.base.fingerprint,
