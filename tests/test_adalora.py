@@ -24,12 +24,13 @@ def test_reallocates_once_per_optimizer_step_and_meets_the_budget(recipe_for, gr
         return original(self, step)
 
     monkeypatch.setattr(adalora.AdaLoraDriver, "after_optimizer_step", counting)
-    recipe = build_recipe(recipe_for(adapter="adalora", train={"batch_size": 8, "grad_accum": grad_accum,
-                                                               "epochs": 2, "eval_at_start": False}))
+    recipe = build_recipe(recipe_for(adapter="adalora", data={"max_train_samples": 128},
+                                     train={"batch_size": 8, "grad_accum": grad_accum, "epochs": 2,
+                                            "eval_at_start": False}))
     result = train(recipe, **QUIET)
 
     steps = result.metadata.training.optimizer_steps
-    assert steps == -(-(256 // 8) // grad_accum) * 2  # 256 rows, batches of 8, two epochs
+    assert steps == -(-(128 // 8) // grad_accum) * 2  # 128 rows, batches of 8, two epochs
     assert calls == list(range(1, steps + 1))
     info = result.metadata.adapter.adalora
     assert info.reallocations == steps
