@@ -320,3 +320,35 @@ def test_a_tiny_run_trains_on_the_augmented_rows_and_records_them(recipe_for):
         "rows_before": 32, "rows_after": 96}
     assert "augment: EDA, 2 copies of each of the 32 training rows beside the originals: 96 rows" in said
     assert result.metadata.recipe.data.augment.copies == 2
+
+
+# ---- the benchmark script (checked without training: the grid is for a quiet machine) --------------------
+
+
+def test_benchmark_trains_both_variants_alike_and_pairs_them_by_seed(tmp_path: Path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import augment as bench
+    from bench_tasks import TASKS, Prepared
+
+    args = bench.parse_args(["--out", str(tmp_path)])
+    prepared = Prepared(TASKS["sst2"], tmp_path / "train.jsonl", tmp_path / "eval.jsonl", 250, 872, ["0", "1"])
+    cell = bench.Cell("sst2", 250, 42)
+    plain, eda_run = (bench.recipe_for(prepared, cell, v, args, 136, "minilm", tmp_path) for v in ("plain", "eda"))
+    assert eda_run["data"].pop("augment") == {} and "augment" not in plain["data"]
+    assert eda_run["output"].pop("name") == "sst2-250rows-lora-eda-seed42" != plain["output"].pop("name")
+    # the same training in every other respect: the plain rows' rule steps for both (17 epochs of 250 rows)
+    assert eda_run == plain and plain["train"]["max_steps"] == 136 == bench.steps_for(250, 32)
+    assert bench.eda_variant(bench.parse_args(["--copies", "4", "--alpha", "0.05"])) == "eda-copies4-alpha0.05"
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for variant, seed, metric in [("plain", 42, 0.70), ("eda", 42, 0.74), ("plain", 1, 0.80), ("eda", 1, 0.78),
+                                  ("eda", 2, 0.90)]:  # seed 2's plain run is missing: not paired
+        record = {"format": bench.FORMAT, "ok": True, "task": "sst2", "rows": 250, "variant": variant, "seed": seed,
+                  "metric": metric, "augmentation": {"copies": 16} if variant == "eda" else None}
+        (runs / f"{bench.Cell('sst2', 250, seed).stem(variant)}.json").write_text(json.dumps(record))
+    [row] = bench.summarize(runs)
+    assert (row["copies"], row["plain"]["n"], row["eda"]["n"], row["better"], row["worse"]) == (16, 2, 3, 1, 1)
+    assert row["difference"]["mean"] == pytest.approx(0.01) and row["difference"]["n"] == 2
+    assert "| sst2 | 250 | eda | 16 | 75.0 ± 7.1 (n=2) | 80.7 ± 8.3 (n=3) | +1.0 (from -2.0 to +4.0) | 1 / 1 |" \
+        in bench.report(tmp_path)
