@@ -83,6 +83,7 @@ def main() -> None:
         "optimizer_steps": run["optimizer_steps"],
         "device": run["device"],
         "gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "augmentation": run.get("augmentation"),  # data.augment as applied: copies, rows before and after
     }
     if "adalora" in adapter:
         ranks = final_ranks(result.model)

@@ -165,6 +165,23 @@ class AdapterInfo(_Schema):
     adalora: Optional[AdaLoraInfo] = None
 
 
+class AugmentationInfo(_Schema):
+    """``data.augment`` as the run applied it (``peftkit.core.augment.Augmentation.record``): the settings, the
+    copies ``auto`` resolved to, and the training rows before and after."""
+
+    method: Literal["eda"]
+    copies: Annotated[int, Field(ge=1)]
+    alpha_sr: float
+    alpha_ri: float
+    alpha_rs: float
+    p_rd: float
+    keep_original: bool
+    column: Line
+    thesaurus: Line
+    rows_before: Count
+    rows_after: Count
+
+
 class TrainingInfo(_Schema):
     optimizer_steps: Count
     steps_per_epoch: Count
@@ -175,6 +192,7 @@ class TrainingInfo(_Schema):
     examples_per_second: Optional[float]
     device: Line
     num_processes: Count
+    augmentation: Optional[AugmentationInfo] = None
 
 
 class _Common(_Schema):

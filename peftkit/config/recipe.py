@@ -243,6 +243,49 @@ class DataSource(Section):
             else path.stem
 
 
+# More variants of one row than this is a typo: the paper's largest count was 32, and each copy is a training row.
+MAX_COPIES = 1000
+
+
+def _copies(value: Any) -> Any:
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"use a whole number of copies per row, or auto (got {value!r})")
+    if not 1 <= value <= MAX_COPIES:
+        raise ValueError(f"must be from 1 to {MAX_COPIES} copies per row (got {value}); or use auto")
+    return value
+
+
+Copies = Annotated[Union[Literal["auto"], int], BeforeValidator(_copies)]
+
+
+class AugmentSection(Section):
+    """EDA (Wei & Zou 2019): each training row gets ``copies`` variants of its ``text``, each made by one of four
+    word operations (``peftkit.core.augment``). A rate of 0 leaves its operation out. The defaults are the
+    authors' code's (0.1 each, the "sweet spot across the board" of the paper's ablation); its Table 3 suggests
+    0.05 up to 2,000 rows."""
+
+    method: Literal["eda"] = "eda"
+    copies: Copies = Field("auto", description="variants per training row; auto: the paper's Table 3, 16 up to "
+                                               "500 rows, 8 up to 2,000, 4 above")
+    alpha_sr: float = Field(0.1, ge=0, le=1, description="synonym replacement: this fraction of the words (at least "
+                                                         "one) replaced by a WordNet synonym")
+    alpha_ri: float = Field(0.1, ge=0, le=1, description="random insertion: this fraction of the words (at least one) "
+                                                         "inserted, each a synonym of a word of the row")
+    alpha_rs: float = Field(0.1, ge=0, le=1, description="random swap: this fraction of the words (at least one) "
+                                                         "swaps of two words")
+    p_rd: float = Field(0.1, ge=0, le=1, description="random deletion: each word deleted with this probability")
+    keep_original: bool = Field(True, description="train on the original rows beside their copies")
+
+    @model_validator(mode="after")
+    def _some_operation(self) -> "AugmentSection":
+        if not any((self.alpha_sr, self.alpha_ri, self.alpha_rs, self.p_rd)):
+            raise ValueError("every rate is 0, so each copy would equal its row; raise one of alpha_sr, alpha_ri, "
+                             "alpha_rs, p_rd or remove data.augment")
+        return self
+
+
 class DataSection(DataSource):
     """The first data set, plus any number of others (``also``) trained into the same adapter."""
 
@@ -255,6 +298,8 @@ class DataSection(DataSource):
         "size", description="with data.also: each data set's share of the training rows, as its size or as "
                             "size^(1/temperature) (small data sets drawn more often)")
     temperature: float = Field(2.0, gt=0, le=1000, description="for sampling: temperature; 1 is sampling by size")
+    augment: Optional[AugmentSection] = Field(None, description="EDA variants of the training rows (never the eval "
+                                                                "rows); null: none")
 
     def sources(self) -> list[DataSource]:
         return [self, *self.also]
@@ -273,6 +318,9 @@ class DataSection(DataSource):
                           "or set data.heads: per_dataset") for i, s in enumerate(self.also) if s.task is not None]
         if not self.also and self.sampling != "size":
             problems.append(("sampling", "only several data sets (data.also) are sampled; remove it"))
+        if self.also and self.augment is not None:
+            # each data set's share would be counted over its variants; not built until someone needs it
+            problems.append(("augment", "is not supported with several data sets (data.also); remove one of them"))
         if problems:
             raise SectionProblems(problems)
         return self
@@ -344,6 +392,10 @@ class Recipe(Section):
                 f"required with quantization.bits: {self.quantization.bits} (a quantized base is frozen and cannot be "
                 "fully fine-tuned); add an adapter section or set quantization.bits: null",
             )])
+        if self.data.augment is not None:
+            refusal = _augment_refusal(self.task.type)
+            if refusal:
+                raise SectionProblems([("data.augment", refusal)])
         storage = self.quantization.quant_storage
         if storage != "uint8" and self.quantization.bits != 4:
             raise SectionProblems([("quantization.quant_storage", "only 4-bit weights have a storage dtype; "
@@ -359,6 +411,19 @@ class Recipe(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _augment_refusal(task_type: str) -> Optional[str]:
+    """Why ``data.augment`` cannot train a ``task_type`` head (the head says: ``TaskHead.augment_refusal``), or None."""
+    from ..tasks import task_types
+
+    heads = task_types()
+    head = heads.get(task_type)
+    if head is None or head.augment_refusal is None:  # an unknown type is reported by the task's own check
+        return None
+    fit = [name for name, h in sorted(heads.items()) if h.augment_refusal is None and not h.internal]
+    return (f"not for {task_type}: {head.augment_refusal}; remove data.augment (EDA keeps the labels of "
+            f"{' and '.join(fit)} heads)")
 
 
 def _init_problems(adapter: LoraSection, quantization: QuantizationSection) -> list[tuple[str, str]]:
@@ -524,6 +589,7 @@ __all__ = [
     "Recipe",
     "LoraSection",
     "AdaLoraSection",
+    "AugmentSection",
     "load_recipe",
     "build_recipe",
     "apply_override",

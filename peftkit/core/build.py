@@ -19,6 +19,7 @@ from ..tasks import TaskHead, make_task
 from .adalora import orthogonal_init, resolve_schedule
 from .adapters import (ADAPTER_NAME, count_parameters, inject, peft_config, present_head_modules, resolve_module_paths,
                        resolve_target_modules)
+from .augment import Augmentation, augment_rows
 from .data import encode, load_task_data, total_steps
 from .models import BaseRef, load_base_for_task, load_tokenizer, memory_footprint, resolve_base
 
@@ -37,6 +38,7 @@ class Plan:
     schedule: Optional[tuple[int, int]]  # AdaLoRA (tinit, tfinal)
     rank_pattern: Optional[dict[str, int]] = None  # LoRA ranks learned by an AdaLoRA adapter
     eval_parts: list[tuple[str, int]] = field(default_factory=list)  # (data set, its encoded eval rows), several
+    augmentation: Optional[Augmentation] = None  # what data.augment added to the training rows
 
 
 def plan_run(recipe: Recipe, num_processes: int = 1, rank_pattern: Optional[dict[str, int]] = None) -> Plan:
@@ -44,6 +46,10 @@ def plan_run(recipe: Recipe, num_processes: int = 1, rank_pattern: Optional[dict
     :func:`peftkit.train.transfer.learned_rank_pattern`)."""
     task = recipe_head(recipe)
     raw = load_task_data(recipe.data, task, recipe.train.seed)
+    augmentation = None
+    if recipe.data.augment is not None:
+        # after load_task_data cut max_train_samples (it counts original rows), and to the training rows only
+        raw.train, augmentation = augment_rows(raw.train, recipe.data.augment, recipe.train.seed)
     base = resolve_base(recipe.base)
     tokenizer = load_tokenizer(base, recipe.base)
     train_rows = encode(raw.train, task, tokenizer, recipe.data.max_length)
@@ -57,7 +63,8 @@ def plan_run(recipe: Recipe, num_processes: int = 1, rank_pattern: Optional[dict
         problem = loftq_weights_file(base.path)
         if problem:
             raise PeftkitError(problem)
-    return Plan(recipe, task, base, tokenizer, train_rows, eval_rows, steps, schedule, rank_pattern, eval_parts)
+    return Plan(recipe, task, base, tokenizer, train_rows, eval_rows, steps, schedule, rank_pattern, eval_parts,
+                augmentation)
 
 
 def recipe_head(recipe: Recipe) -> TaskHead:

@@ -53,6 +53,9 @@ class TaskHead(ABC):
     key_metric: ClassVar[tuple[str, str]]  # (metric, "max" or "min")
     internal: ClassVar[bool] = False  # built by peftkit from a recipe (multi-task), never named in task.type
     reports_per_source: ClassVar[bool] = False  # its metrics already say each data set's (``name/metric``)
+    # why EDA's word edits (data.augment) would not keep this head's labels true, or None where they do; a new
+    # head is refused until it says otherwise
+    augment_refusal: ClassVar[Optional[str]] = "EDA's word edits are only known to keep a whole text's class"
 
     def __init__(self, options: HeadOptions, state: Optional[dict[str, Any]] = None):
         self.options = options

@@ -37,6 +37,7 @@ def _token_ids(encoded: Any) -> list[int]:
 
 class CausalLM(TokenLoss, TaskHead):
     name = "causal_lm"
+    augment_refusal = "the text is the target itself: the model would learn to write EDA's swapped and deleted words"
     Options = CausalLMOptions
     State = CausalLMState
     peft_task_type = "CAUSAL_LM"

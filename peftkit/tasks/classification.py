@@ -83,6 +83,7 @@ def _sorted_labels(values: set[str]) -> list[str]:
 
 class Classification(PooledHead):
     name = "classification"
+    augment_refusal = None  # the paper's setting: a class of the whole text, kept by small word edits
     Options = ClassificationOptions
     State = ClassificationState
     problem_type = "single_label_classification"

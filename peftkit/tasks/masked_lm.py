@@ -73,6 +73,7 @@ def mask_row(ids: list[int], special: set[int], mask_id: int, vocab: int, probab
 
 class MaskedLM(TaskHead):
     name = "masked_lm"
+    augment_refusal = "the masked words are the targets: the model would learn EDA's swapped and inserted words"
     Options = MaskedLMOptions
     State = HeadState  # nothing learned from the data
     peft_task_type = None  # peft has no masked-LM task type: a plain PeftModel

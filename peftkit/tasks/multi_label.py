@@ -31,6 +31,7 @@ class MultiLabelState(HeadState):
 
 class MultiLabel(PooledHead):
     name = "multi_label"
+    augment_refusal = None  # each label a class of the whole text, as in classification
     Options = MultiLabelOptions
     State = MultiLabelState
     problem_type = "multi_label_classification"

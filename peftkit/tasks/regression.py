@@ -48,6 +48,8 @@ def _number(value: Any, where: str, row: int) -> float:
 
 class Regression(PooledHead):
     name = "regression"
+    augment_refusal = ("a score moves with the words (STS-B's similarity of two sentences changes when one loses, "
+                       "swaps or gains words), so the copies would carry wrong targets")
     Options = RegressionOptions
     State = RegressionState
     problem_type = "regression"

@@ -35,6 +35,8 @@ class Seq2SeqState(HeadState):
 
 class Seq2Seq(TokenLoss, TaskHead):
     name = "seq2seq"
+    augment_refusal = ("an edited input may no longer match its target output (a summary, a translation), and the "
+                       "target is not augmented")
     Options = Seq2SeqOptions
     State = Seq2SeqState
     peft_task_type = "SEQ_2_SEQ_LM"

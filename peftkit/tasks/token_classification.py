@@ -60,6 +60,7 @@ def _tag_order(tags: set[str]) -> list[str]:
 
 class TokenClassification(TaskHead):
     name = "token_classification"
+    augment_refusal = "EDA inserts, swaps and deletes words, so the per-word tags would no longer match the words"
     Options = TokenClassificationOptions
     State = TokenClassificationState
     peft_task_type = "TOKEN_CLS"

@@ -168,6 +168,8 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, echo: Callable[[str], 
     say(f"data: {len(plan.train_rows):,} train rows, {len(plan.eval_rows):,} eval rows; "
         f"{plan.total_steps} optimizer steps" + (f"; AdaLoRA warm-up {plan.schedule[0]}, final {plan.schedule[1]} steps"
                                                   if plan.schedule else ""))
+    if plan.augmentation is not None:
+        say(f"augment: {plan.augmentation.describe()}")
     notice = short_run_notice(plan.total_steps, t.epochs, t.max_steps)
     if notice:
         say(notice)
@@ -324,6 +326,7 @@ def _metadata(recipe: Recipe, plan: Plan, built: BuiltModel, model: Any, driver:
             "examples_per_second": round(examples / seconds, 2) if seconds > 0 else None,
             "device": str(device),
             "num_processes": world,
+            **({"augmentation": plan.augmentation.record()} if plan.augmentation else {}),
         },
         recipe=recipe.to_dict(),
         provenance=built.provenance,
