@@ -119,6 +119,41 @@ def test_multi_class_one_vs_rest_by_hand():
     assert list(only_c["by_label"]) == ["C"] and close(only_c["gaps"]["demographic_parity_difference"], 5 / 12)
 
 
+def test_multi_label_per_label_by_hand_and_its_plot(tmp_path: Path):
+    # u: truth {pos} {neg} {neg,pos}, predicted {pos} {} {neg,pos}     v: truth {pos} {pos}, predicted {neg,pos} {pos}
+    groups = ["u"] * 3 + ["v"] * 2
+    truth, predicted = [[0, 1], [1, 0], [1, 1], [0, 1], [0, 1]], [[0, 1], [0, 0], [1, 1], [1, 1], [0, 1]]
+    task = make_task("multi_label", {}, {"labels": ["neg", "pos"]})
+    collected = {"label": torch.tensor(truth), "pred": torch.tensor(predicted), "loss": torch.zeros(5)}
+    found = report(task, collected, groups)
+    assert found["positive_labels"] == ["neg", "pos"] and "per_group" not in found
+    # neg: selection 1/3 vs 1/2; TPR 1/2 in u, none in v (no neg there); FPR 0 vs 1/2
+    assert close(found["by_label"]["neg"]["gaps"], {
+        "demographic_parity_difference": 1 / 6, "demographic_parity_ratio": 2 / 3,
+        "equalized_odds_difference": None, "equalized_odds_ratio": None})
+    # pos: selection 2/3 vs 1; TPR 1 vs 1; FPR 0 in u, none in v (every v row is pos)
+    assert close(found["by_label"]["pos"]["per_group"], {
+        "u": {"selection_rate": 2 / 3, "true_positive_rate": 1.0, "false_positive_rate": 0.0},
+        "v": {"selection_rate": 1.0, "true_positive_rate": 1.0, "false_positive_rate": None}})
+    # micro F1 (decisions pooled, 2 tp / (2 tp + fp + fn)): u 6/7, v 4/5
+    assert close(found["gaps"], {"micro_f1_difference": 6 / 7 - 4 / 5, "micro_f1_ratio": 14 / 15,
+                                 "demographic_parity_difference": 1 / 3, "demographic_parity_ratio": 2 / 3,
+                                 "equalized_odds_difference": None, "equalized_odds_ratio": None})
+    from peftkit.core.fairness_plot import _panels, plot_groups
+
+    per_group = {g: {"rows": 3 if g == "u" else 2, **task.metrics(
+        {k: v[torch.tensor([i for i, x in enumerate(groups) if x == g])] for k, v in collected.items()})}
+        for g in ("u", "v")}
+    result = {"groups": per_group, "metrics": task.metrics(collected), "fairness": {"group_by": "g", **found}}
+    # one panel of the key metric, then one per label with its three rates
+    assert [(title, list(series)) for title, series, _ in _panels(result, "micro_f1")] == [
+        ("micro_f1", ["micro_f1"]),
+        ("label neg (one-vs-rest)", ["selection_rate", "true_positive_rate", "false_positive_rate"]),
+        ("label pos (one-vs-rest)", ["selection_rate", "true_positive_rate", "false_positive_rate"])]
+    png = plot_groups(result, "micro_f1", str(tmp_path / "ml.png"), "multi-label")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_regression_gaps_by_hand():
     # x: predictions on a line through the targets (r 1, MAE 1/3); y: a constant prediction (r undefined: 0 as
     # peftkit scores it, MAE 1); z: the targets reversed (r -1, MAE 2)

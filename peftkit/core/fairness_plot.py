@@ -23,11 +23,12 @@ def require_matplotlib() -> None:
 
 def _panels(result: dict[str, Any], key: str) -> list[Panel]:
     fairness = result["fairness"]
-    if "per_group" not in fairness:  # no fairlearn, or a head without class decisions: the key metric only
-        return [(key, {key: {g: m.get(key) for g, m in result["groups"].items()}}, {key: result["metrics"].get(key)})]
-    per_group, overall = fairness["per_group"], fairness["overall"]
-    panels: list[Panel] = [(name, {name: {g: m[name] for g, m in per_group.items()}}, {name: overall[name]})
-                           for name in overall]
+    if "per_group" in fairness:  # fairlearn's per-group metrics (accuracy; MAE and r)
+        per_group, overall = fairness["per_group"], fairness["overall"]
+        panels: list[Panel] = [(name, {name: {g: m[name] for g, m in per_group.items()}}, {name: overall[name]})
+                               for name in overall]
+    else:  # multi-label, no fairlearn, or a head without class decisions: the head's key metric
+        panels = [(key, {key: {g: m.get(key) for g, m in result["groups"].items()}}, {key: result["metrics"].get(key)})]
     for label, entry in fairness.get("by_label", {}).items():
         panels.append((f"label {label} (one-vs-rest)",
                        {r: {g: m[r] for g, m in entry["per_group"].items()} for r in _RATES},
@@ -68,11 +69,13 @@ def plot_groups(result: dict[str, Any], key_metric: str, path: str, title: str) 
             if overall.get(label) is not None:
                 ax.axhline(overall[label], color=colour, linestyle="--", linewidth=1)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels(groups, rotation=20 if len(groups) > 4 else 0, fontsize=8)
+        # a group's size beside its name: a gap between groups of 8 and 700 rows is mostly noise
+        ax.set_xticklabels([f"{g}\n({result['groups'][g]['rows']} rows)" for g in groups],
+                           rotation=20 if len(groups) > 4 else 0, fontsize=8)
         ax.set_title(f"{name.replace('_', ' ')} (dashed: all rows)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        if len(series) > 1:
-            ax.legend(fontsize=7)
+        if len(series) > 1:  # below the panel, where it covers no bar
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(series), frameon=False)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     summary = gap_summary(result["fairness"]["gaps"])
