@@ -321,11 +321,11 @@ def eval_command(name: str, data_file: str, group_by: str | None, positive_label
     from .views import eval_text
 
     if plot is not None:
-        from .core.fairness_plot import require_matplotlib
+        from .core.fairness_plot import check_plot_target
 
         if group_by is None:
             raise PeftkitError("--plot: draws the groups of --group-by COLUMN; add --group-by or leave --plot out")
-        require_matplotlib()  # before the model loads, not after the whole evaluation
+        check_plot_target(plot)  # before the model loads, not after the whole evaluation
     loaded = load_trained(Registry(registry).folder(name), packed_inference=True, **trust)  # nothing trains after eval
     result = evaluate_file(loaded, data_file, group_by, positive_label=positive_label)
     if plot is not None:

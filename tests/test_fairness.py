@@ -281,3 +281,5 @@ def test_bad_input_is_one_line(trained: tuple[str, Path], tmp_path: Path):
         "Error: --positive-label: only used with --group-by COLUMN; add --group-by or leave it out")
     assert error_line(*args, "--plot", tmp_path / "x.png") == (
         "Error: --plot: draws the groups of --group-by COLUMN; add --group-by or leave --plot out")
+    assert error_line(*args, "--group-by", "band", "--plot", tmp_path / "no" / "x.png") == (
+        f"Error: --plot: folder {tmp_path / 'no'} does not exist; create it or pick another path")

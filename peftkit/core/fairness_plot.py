@@ -15,10 +15,13 @@ Panel = tuple[str, dict[str, dict[str, Optional[float]]], dict[str, Optional[flo
 _RATES = ("selection_rate", "true_positive_rate", "false_positive_rate")
 
 
-def require_matplotlib() -> None:
-    """Refuse ``--plot`` before any evaluation runs when matplotlib is missing."""
+def check_plot_target(path: str) -> None:
+    """Refuse ``--plot`` before any evaluation runs: no matplotlib, or no folder to write the file into."""
     if importlib.util.find_spec("matplotlib") is None:
         raise PeftkitError('--plot: drawing needs matplotlib; pip install "peftkit[plots]", or leave --plot out')
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise PeftkitError(f"--plot: folder {folder} does not exist; create it or pick another path")
 
 
 def _panels(result: dict[str, Any], key: str) -> list[Panel]:
@@ -47,7 +50,7 @@ def gap_summary(gaps: dict[str, Optional[float]]) -> str:
 
 def plot_groups(result: dict[str, Any], key_metric: str, path: str, title: str) -> Path:
     """Write the PNG of an ``evaluate_file`` result with groups to ``path``; returns the path written."""
-    require_matplotlib()
+    check_plot_target(path)
     import matplotlib
 
     matplotlib.use("Agg")  # a file, never a window: eval runs on servers without a display
