@@ -300,31 +300,41 @@ def generate(prompts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: 
 @main.command("eval")
 @click.argument("name")
 @click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="A labelled data file.")
-@click.option("--group-by", default=None, metavar="COLUMN", help="Also report the metrics per value of COLUMN.")
+@click.option("--group-by", default=None, metavar="COLUMN",
+              help="Also report the metrics per value of COLUMN and the gaps between groups.")
+@click.option("--positive-label", default=None, metavar="LABEL",
+              help="With --group-by: the label whose selection rate, TPR and FPR are compared (default: the second "
+                   "label of a binary task, e.g. 1 of 0/1; with more labels each one-vs-rest).")
+@click.option("--plot", default=None, type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="With --group-by: draw the per-group metrics and the gaps into FILE.png (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_registry_option
 @_trust
 @_friendly
-def eval_command(name: str, data_file: str, group_by: str | None, as_json: bool, registry: str,
-                 trust: dict[str, bool]) -> None:
-    """Evaluate adapter NAME on a labelled file with its task's metrics."""
+def eval_command(name: str, data_file: str, group_by: str | None, positive_label: str | None, plot: str | None,
+                 as_json: bool, registry: str, trust: dict[str, bool]) -> None:
+    """Evaluate adapter NAME on a labelled file with its task's metrics (per group, with gaps, by --group-by)."""
     from .core.evaluation import evaluate_file
     from .finite import dumps
     from .store.loading import load_trained
     from .store.registry import Registry
+    from .views import eval_text
 
+    if plot is not None:
+        from .core.fairness_plot import check_plot_target
+
+        if group_by is None:
+            raise PeftkitError("--plot: draws the groups of --group-by COLUMN; add --group-by or leave --plot out")
+        check_plot_target(plot)  # before the model loads, not after the whole evaluation
     loaded = load_trained(Registry(registry).folder(name), packed_inference=True, **trust)  # nothing trains after eval
-    result = evaluate_file(loaded, data_file, group_by)
-    if as_json:
-        click.echo(dumps(result, indent=2))
-        return
-    show = lambda m: ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "rows")  # noqa: E731
-    click.echo(f"{name} on {data_file} ({result['rows']} rows): {show(result['metrics'])}")
-    for group, metrics in result.get("groups", {}).items():
-        click.echo(f"  {group_by}={group} ({metrics['rows']} rows): {show(metrics)}")
-    if "largest_gap" in result:
-        gap = result["largest_gap"]
-        click.echo(f"largest gap in {gap['metric']} between groups: {gap['value']:.4f}")
+    result = evaluate_file(loaded, data_file, group_by, positive_label=positive_label)
+    if plot is not None:
+        from .core.fairness_plot import plot_groups
+
+        plot_groups(result, loaded.task.key_metric[0], plot, f"{name} on {os.path.basename(data_file)}, "
+                    f"by {group_by}")
+        click.echo(f"wrote {plot}", err=True)  # stderr: --json output stays one JSON document
+    click.echo(dumps(result, indent=2) if as_json else eval_text(name, data_file, result))
 
 
 def _folder_size(n_bytes: int) -> str:

@@ -1,9 +1,9 @@
-"""Text views of the registry for the CLI: listing, one adapter in full, a conversion's outcome."""
+"""Text views for the CLI: the registry listing, one adapter in full, a conversion's outcome, an eval report."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from .config.metadata import AdapterInfo
 from .config.recipe import Recipe
@@ -89,3 +89,43 @@ def conversion_summary(registry: Registry, source: str, name: str) -> str:
             f"{max(ranks.values())} ({sum(ranks.values())} in all)"
             + (f", {len(dropped)} modules pruned to rank 0 left out" if dropped else "")
             + f"; weights {dst_bytes:,} bytes (AdaLoRA file {src_bytes:,} bytes)")
+
+
+def _numbers(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "rows")
+
+
+def _number(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def eval_text(name: str, data_file: str, result: dict[str, Any]) -> str:
+    """``peftkit eval``'s report: overall metrics; with groups, each group's, the largest gap and the fairness gaps."""
+    lines = [f"{name} on {data_file} ({result['rows']} rows): {_numbers(result['metrics'])}"]
+    if "fairness" not in result:
+        return "\n".join(lines)
+    fairness = result["fairness"]
+    column = fairness["group_by"]
+    lines += [f"  {column}={group} ({metrics['rows']} rows): {_numbers(metrics)}"
+              for group, metrics in result["groups"].items()]
+    gap = result["largest_gap"]
+    lines.append(f"largest gap in {gap['metric']} between groups: {gap['value']:.4f}")
+    source = f" ({fairness['computed_with']})" if fairness["computed_with"] else ""
+    positive = fairness.get("positive_labels")
+    which = f", positive label {', '.join(positive)}" if positive and len(positive) == 1 else ""
+    lines.append(f"gaps between {column} groups{source}{which}:")
+    pairs: dict[str, list[str]] = {}
+    for key, value in fairness["gaps"].items():
+        metric, _, kind = key.rpartition("_")
+        pairs.setdefault(metric.replace("_", " "), []).append(f"{kind} {_number(value)}")
+    lines += [f"  {metric}: {', '.join(found)}" for metric, found in pairs.items()]
+    for label, entry in fairness.get("by_label", {}).items():
+        lines.append(f"  label {label}, one-vs-rest, per group: selection rate / true-positive rate / "
+                     "false-positive rate")
+        rows = {**entry["per_group"], "(all rows)": entry["overall"]}
+        lines += [f"    {group}: " + " / ".join(_number(rates[r]) for r in
+                                                ("selection_rate", "true_positive_rate", "false_positive_rate"))
+                  for group, rates in rows.items()]
+    if "note" in fairness:
+        lines.append(f"note: {fairness['note']}")
+    return "\n".join(lines)

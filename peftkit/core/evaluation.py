@@ -1,7 +1,8 @@
 """Evaluation: a task's metrics over encoded rows, during training or on any labelled file later.
 
-``peftkit eval NAME --data FILE --group-by COLUMN`` also gives the metrics per group and the largest gap
-between groups in the task's key metric: a quick check that a model treats groups alike.
+``peftkit eval NAME --data FILE --group-by COLUMN`` also gives the metrics per group, the largest gap between
+groups in the task's key metric, and the fairness gaps of ``fairness.py`` (demographic parity, equalized odds,
+...): a check that a model treats groups alike.
 """
 
 from __future__ import annotations
@@ -73,22 +74,36 @@ def metrics_by_source(task: Any, collected: dict[str, torch.Tensor], parts: list
     return metrics
 
 
-def evaluate_file(loaded: Any, path: str, group_by: Optional[str] = None, batch_size: int = 32) -> dict[str, Any]:
-    """The adapter's task metrics on a labelled file (read with the adapter's recipe settings)."""
+def _group_column(rows: Any, path: str, group_by: str) -> list[str]:
+    """The group of every row, refused where no gap can be taken (no such column, or one group only)."""
+    if group_by not in rows.column_names:
+        raise PeftkitError(f"--group-by: {path} has no column {group_by!r} (its columns: "
+                           f"{', '.join(rows.column_names)})")
+    groups = [str(g) for g in rows[group_by]]
+    if len(set(groups)) < 2:
+        only = f"one group only ({groups[0]!r})" if groups else "no rows"
+        raise PeftkitError(f"--group-by: column {group_by!r} of {path} holds {only}; gaps need at least two "
+                           "groups: pick a column with several values")
+    return groups
+
+
+def evaluate_file(loaded: Any, path: str, group_by: Optional[str] = None, batch_size: int = 32,
+                  positive_label: Optional[str] = None) -> dict[str, Any]:
+    """The adapter's task metrics on a labelled file (read with the adapter's recipe settings); with ``group_by``,
+    also per group, with the gaps between groups (``positive_label``: see ``fairness.positive_labels``)."""
     from .data import _to_roles, check_filled, encode
+    from .fairness import fairness_report, positive_labels
 
     recipe, task = loaded.recipe, loaded.task
+    if positive_label is not None and group_by is None:
+        raise PeftkitError("--positive-label: only used with --group-by COLUMN; add --group-by or leave it out")
     rows = load_rows(path, recipe.data, "--data", recipe.data.split)
     columns = task.resolve_columns(rows.column_names, recipe.data.columns, path)
     check_filled(rows, columns, task.filled_roles(), path, "--data")
-    groups = None
-    if group_by is not None:
-        if group_by not in rows.column_names:
-            raise PeftkitError(f"--group-by: {path} has no column {group_by!r} (its columns: "
-                               f"{', '.join(rows.column_names)})")
-        groups = [str(g) for g in rows[group_by]]
+    groups = None if group_by is None else _group_column(rows, path, group_by)
     role_rows = _to_roles(rows, columns)
     task.fit(None, role_rows, path)
+    positive = positive_labels(task, positive_label) if group_by is not None else []
     encoded = encode(role_rows, task, loaded.tokenizer, recipe.data.max_length)
     if groups is not None and len(encoded) != len(groups):
         raise PeftkitError(f"--group-by: this task turns rows into {len(encoded)} examples from {len(groups)} rows "
@@ -106,4 +121,6 @@ def evaluate_file(loaded: Any, path: str, group_by: Optional[str] = None, batch_
         values = [m[metric] for m in per_group.values()]
         result["groups"] = per_group
         result["largest_gap"] = {"metric": metric, "value": max(values) - min(values)}
+        result["fairness"] = {"group_by": group_by,
+                              **fairness_report(task, collected, groups, per_group, positive)}
     return result
