@@ -297,6 +297,33 @@ def generate(prompts: tuple[str, ...], adapters_: tuple[str, ...], unquantized: 
             click.echo(f"[{name}] {prompt}\n{text}\n")
 
 
+@main.command()
+@click.option("--adapter", "adapters_", multiple=True, required=True, metavar="NAME",
+              help="A registered adapter to serve (repeatable: all share one base); more load at runtime.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Most rows in one batch, gathered across requests.")
+@click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long a request waits for others to join its batch.")
+@click.option("--unquantized", is_flag=True, help="Load the base unquantized (adapters trained on 4/8 bits).")
+@_registry_option
+@_trust
+@_friendly
+def serve(adapters_: tuple[str, ...], host: str, port: int, max_batch: int, max_wait_ms: float, unquantized: bool,
+          registry: str, trust: dict[str, bool]) -> None:
+    """Serve the --adapter NAMEs over HTTP: OpenAI-compatible completions and chat, /v1/classify for the other
+    heads, /v1/models, runtime load/unload, /health and /metrics; requests batched together on one base."""
+    from .serve.http_run import require_http, serve_http
+
+    require_http()  # before minutes of loading
+    server = _server(registry, adapters_, unquantized, trust)
+    try:
+        serve_http(server, host, port, max_batch, max_wait_ms)
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down gracefully: done
+        pass
+
+
 @main.command("eval")
 @click.argument("name")
 @click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="A labelled data file.")

@@ -23,6 +23,10 @@ block scales (measured in tests/test_cpu_paths.py), so peftkit only ever saves a
 
 from __future__ import annotations
 
+import types
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -67,3 +71,29 @@ def freeze_quantized_layers(model: nn.Module, packed_inference: bool = False) ->
         module._peftkit_frozen = True
         count += 1
     return count
+
+
+def _plain_save(module: nn.Module, destination: dict, prefix: str, keep_vars: bool) -> None:
+    nn.Module._save_to_state_dict(module, destination, prefix, keep_vars)  # the tensors as they are, not unpacked
+
+
+@contextmanager
+def packed_kept(model: nn.Module) -> Iterator[None]:
+    """Inside, reading ``model.state_dict()`` leaves 4-bit layers on the packed CPU path as they are.
+
+    bitsandbytes unpacks such a layer whenever its state dict is taken, and the unpacking re-quantizes its
+    block scales (see above): the model then computes slightly different numbers. peft's
+    ``set_peft_model_state_dict`` takes the whole model's state dict (for its key names) to load one adapter, so
+    an adapter added to a server that has already predicted would otherwise shift every other adapter's
+    outputs (``tests/test_http_serve.py``). Inside, packed layers list their weights without their quant state:
+    right for reading key names, wrong for saving the model.
+    """
+    packed = [m for m in model.modules() if isinstance(m, _quantized_linear_types())
+              and getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)]
+    for module in packed:
+        module._save_to_state_dict = types.MethodType(_plain_save, module)  # shadows the class's method
+    try:
+        yield
+    finally:
+        for module in packed:
+            module.__dict__.pop("_save_to_state_dict", None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from ..store.registry import Registry
 from ..store.snapshot import read_snapshot
 from ..tasks.base import encode_text, score_text
 from .served_adapter import ServedAdapter, prepare
+from .sharing import check_together, describe_adapter, inject, shared_class
 
 _PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -52,11 +53,22 @@ def _is_encoder_decoder(config: Any) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
+@dataclass
+class LoadSetup:
+    """How :func:`load_server` loaded the shared base: what an adapter added later (``live.py``) must agree with."""
+    registry: Registry
+    quantized: bool
+    auto_class: str
+    strip_prefix: Optional[str]
+    trust: dict[str, bool]
+
+
 class Server:
     """Built by :func:`load_server`."""
 
     def __init__(self, model: nn.Module, peft_model: Any, tokenizer: Any, adapters: dict[str, ServedAdapter],
-                 decoder: bool, base_bytes: int, description: dict[str, Any], encoder_decoder: bool = False):
+                 decoder: bool, base_bytes: int, description: dict[str, Any], encoder_decoder: bool = False,
+                 setup: Optional[LoadSetup] = None):
         # the base's model class, LoRA layers injected: a decoder's ForCausalLM, an encoder-decoder's
         # ForConditionalGeneration (T5), else an encoder's body
         self.model = model
@@ -69,6 +81,7 @@ class Server:
         self.base_bytes = base_bytes
         self.description = description
         self.device = next(model.parameters()).device
+        self.setup = setup
 
     @property
     def names(self) -> list[str]:
@@ -267,13 +280,22 @@ class Server:
             raise PeftkitError(f"a row for {name} has no 'text' (it has: {', '.join(row) or 'nothing'})")
         return str(row["text"])
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[str], adapter: Union[str, Sequence[str]], max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
                  batch_size: int = 8) -> list[str]:
         """Continue each prompt with its own adapter (instruction adapters get their training prompt layout).
         ``temperature`` 0 is greedy decoding; above 0, sampling with ``top_p`` / ``top_k``."""
-        names = self._names(adapter, len(prompts))
+        names = self._generating(adapter, len(prompts))
+        ids = [self.prompt_ids(prompt, name) for prompt, name in zip(prompts, names)]
+        return [self.decode(new) for new in self.generate_ids(ids, names, max_new_tokens, temperature, top_p, top_k,
+                                                               seed, batch_size)]
+
+    def decode(self, new_ids: Sequence[int]) -> str:
+        """A generation's text from its new token ids (special tokens such as EOS and padding dropped)."""
+        return self.tokenizer.decode(list(new_ids), skip_special_tokens=True).strip()
+
+    def _generating(self, adapter: Union[str, Sequence[str]], count: int) -> list[str]:
+        names = self._names(adapter, count)
         if not self.decoder and not self.encoder_decoder:
             raise PeftkitError("generate needs a causal-LM or encoder-decoder base; this server's base is an encoder")
         for name in dict.fromkeys(names):
@@ -282,28 +304,46 @@ class Server:
                 kind = "text-to-text" if self.encoder_decoder else "causal-LM"
                 raise PeftkitError(f"adapter {name} is a {served.task.name} adapter; generate needs {kind} adapters "
                                    f"(use `peftkit predict --adapter {name}`)")
+        return names
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], adapter: Union[str, Sequence[str]],
+                     max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     seed: Optional[int] = None, batch_size: int = 8,
+                     watch: Optional[Callable[[list[int]], Any]] = None) -> list[list[int]]:
+        """:meth:`generate` on prompts already in token ids; each row's new token ids, as ``model.generate`` gives
+        them (after an EOS, padding up to the longest row of its batch). ``watch(rows)``, when given, returns a
+        transformers ``StoppingCriteria`` for each ``model.generate`` call, over those rows' indices in
+        ``prompt_ids``: it sees every step's tokens and may end rows early (how the HTTP server streams)."""
+        names = self._generating(adapter, len(prompt_ids))
         if seed is not None:
             torch.manual_seed(seed)
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or None}
-        texts: list[Optional[str]] = [None] * len(prompts)
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(range(start, min(start + batch_size, len(prompts))))
+        generated: list[Optional[list[int]]] = [None] * len(prompt_ids)
+        for start in range(0, len(prompt_ids), batch_size):
+            chunk = list(range(start, min(start + batch_size, len(prompt_ids))))
             for group in self._groups([names[i] for i in chunk]):
                 index = [chunk[g] for g in group]
-                encoded = [Encoded(self._prompt_ids(prompts[i], names[i])) for i in index]
                 # a decoder appends on the right of its prompt; an encoder-decoder's decoder starts afresh
-                batch = self._pad(encoded, left=not self.encoder_decoder)
+                batch = self._pad([Encoded(list(prompt_ids[i])) for i in index], left=not self.encoder_decoder)
+                extra: dict[str, Any] = {}
+                if watch is not None:
+                    from transformers import StoppingCriteriaList
+
+                    extra["stopping_criteria"] = StoppingCriteriaList([watch(index)])
                 with self._routed([names[i] for i in index]):
                     out = self.model.generate(**batch, max_new_tokens=max_new_tokens,
-                                              pad_token_id=self.tokenizer.pad_token_id, **sampling)
-                width = 0 if self.encoder_decoder else batch["input_ids"].shape[1]
+                                              pad_token_id=self.tokenizer.pad_token_id, **sampling, **extra)
+                # after the prompt; an encoder-decoder's output starts with its decoder start token
+                width = 1 if self.encoder_decoder else batch["input_ids"].shape[1]
                 for i, ids in zip(index, out):
-                    texts[i] = self.tokenizer.decode(ids[width:], skip_special_tokens=True).strip()
-        return [t or "" for t in texts]
+                    generated[i] = ids[width:].tolist()
+        return [g or [] for g in generated]
 
-    def _prompt_ids(self, prompt: str, name: str) -> list[int]:
+    def prompt_ids(self, prompt: str, name: str) -> list[int]:
+        """A prompt's token ids as ``generate`` gives them to adapter ``name``."""
         served = self.adapters.get(name)
         if self.encoder_decoder:  # the source as the adapter's encoder read it in training (its task.prefix)
             if served is None:
@@ -337,21 +377,8 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
     names = list(dict.fromkeys(name.partition(":")[0] for name in names))  # a multi-task adapter's tasks: itself
     snapshots = [read_snapshot(registry, name) for name in names]
     first = snapshots[0]
-    for snap in snapshots[1:]:
-        if snap.metadata.base.fingerprint != first.metadata.base.fingerprint:
-            raise PeftkitError(
-                f"{snap.name} was trained on {snap.metadata.base.identity} "
-                f"({snap.metadata.base.fingerprint[:19]}) and {first.name} on "
-                f"{first.metadata.base.identity} ({first.metadata.base.fingerprint[:19]}): "
-                "adapters served together must share one base"
-            )
+    check_together(snapshots, quantized)
     recipes = [s.metadata.recipe for s in snapshots]
-    setups = {(r.base.dtype, r.quantization.model_dump_json()) for r in recipes}
-    if len(setups) > 1 and quantized:
-        shown = "; ".join(f"{s.name}: {describe_quantization(r.quantization, r.base.dtype)}"
-                          for s, r in zip(snapshots, recipes))
-        raise PeftkitError(f"the adapters were trained on differently loaded bases ({shown}); serve them in "
-                           "separate servers, or unquantized (--unquantized / quantized=False)")
     trusted = [user_trust(r.base, s.name, trust_remote_code, allow_pickle) for s, r in zip(snapshots, recipes)]
     recipe = recipes[0].model_copy(update={"base": trusted[0]})
     quantization = recipe.quantization if quantized else recipe.quantization.model_copy(update={"bits": None})
@@ -368,7 +395,7 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
     config = AutoConfig.from_pretrained(base.path, trust_remote_code=recipe.base.trust_remote_code)
     decoder, encoder_decoder = _is_decoder(config), _is_encoder_decoder(config)
     heads = [s.metadata.task.head() for s in snapshots]
-    auto = "AutoModelForSeq2SeqLM" if encoder_decoder else _shared_class(snapshots, heads, decoder)
+    auto = "AutoModelForSeq2SeqLM" if encoder_decoder else shared_class(snapshots, heads, decoder)
     # what the adapters' task models kept out of quantization
     keep = list(dict.fromkeys(["lm_head", "score", "classifier", "classification_head",
                                *(m for h in heads for m in h.unquantized_modules)]))
@@ -381,57 +408,15 @@ def load_server(registry: Union[Registry, str], names: Sequence[str], device: st
     # T5 classifier's too while its seq2seq siblings and a masked LM's are on the same class as the shared base
     strip = model.base_model_prefix if auto in ("AutoModel", "AutoModelForSeq2SeqLM") else None
     served = {s.name: prepare(s, model, strip) for s in snapshots}
-    peft_model = _inject(model, served)
-    for adapter in served.values():
-        adapter.lora_weights = {}  # now in the model; the copy is not kept
-        if adapter.head is not None:
-            adapter.head.to(torch_device)
-    peft_model.eval()
+    peft_model = model
+    for index, adapter in enumerate(served.values()):
+        peft_model = inject(peft_model, peft_name(index), adapter)
     description = {
         "base": first.metadata.base.identity,
         "weights": describe_quantization(quantization, recipe.base.dtype),
         "cpu_4bit_path": path_for(quantization.bits, torch_device.type, packed_inference),
-        "adapters": {s.name: {"task": s.metadata.task.type, "method": s.metadata.adapter.method,
-                              "trained_on": describe_quantization(r.quantization, r.base.dtype)}
-                     for s, r in zip(snapshots, recipes)},
+        "adapters": {s.name: describe_adapter(s) for s in snapshots},
     }
-    return Server(model, peft_model, tokenizer, served, decoder, base_bytes, description, encoder_decoder)
-
-
-def _shared_class(snapshots: list[Any], heads: list[Any], decoder: bool) -> str:
-    """The auto class the shared base loads with: the one every adapter's head asks for (``TaskHead.serve_base``)."""
-    default = "AutoModelForCausalLM" if decoder else "AutoModel"
-    wanted = {s.name: h.serve_base or default for s, h in zip(snapshots, heads)}
-    first = next(iter(wanted))
-    other = next((name for name, auto in wanted.items() if auto != wanted[first]), None)
-    if other is not None:
-        raise PeftkitError(f"{first} needs the base loaded as {wanted[first]} and {other} as {wanted[other]}; serve "
-                           "them in separate servers")
-    return wanted[first]
-
-
-def _inject(model: nn.Module, served: dict[str, ServedAdapter]) -> Any:
-    import warnings
-
-    from peft import get_peft_model, set_peft_model_state_dict
-
-    peft_model = None
-    for index, (name, adapter) in enumerate(served.items()):
-        internal = peft_name(index)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*already.*adapter")
-            # transformers' notice about its own renamed internals, raised inside peft: nothing to act on
-            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is_gradient_checkpointing")
-            if peft_model is None:
-                peft_model = get_peft_model(model, adapter.lora_config, adapter_name=internal)
-            else:
-                peft_model.add_adapter(internal, adapter.lora_config)
-        result = set_peft_model_state_dict(peft_model, adapter.lora_weights, adapter_name=internal)
-        missing = [k for k in result.missing_keys if f".{internal}." in k and ".lora_" in k]
-        if result.unexpected_keys or missing:
-            wrong = (result.unexpected_keys or missing)[0]
-            raise PeftkitError(f"{name}: its weights do not fit the base model ({wrong}); it was trained on "
-                               "another architecture")
-    for parameter in peft_model.parameters():
-        parameter.requires_grad_(False)
-    return peft_model
+    setup = LoadSetup(registry, quantized, auto, strip, {"trust_remote_code": trust_remote_code,
+                                                         "allow_pickle": allow_pickle})
+    return Server(model, peft_model, tokenizer, served, decoder, base_bytes, description, encoder_decoder, setup)
