@@ -269,7 +269,7 @@ BAD_INPUTS: list[tuple[str, int, str]] = [
     (f"merge tiny {OUT} --quantize q3 {REG}", 1, "Error: --quantize: unknown type 'q3'; use one of: nf4, fp4, int8"),
     (f"merge tiny --out $registry {REG}", 1,
      "Error: --out $registry would replace $registry/tiny, the adapter being read; choose another --out"),
-    (f"export tiny --format onnx {OUT} {REG}", 1, "Error: --format: unknown format 'onnx'; use one of: peft"),
+    (f"export tiny --format onnx {OUT} {REG}", 1, "Error: --format: unknown format 'onnx'; use one of: peft, gguf"),
     # ---- registry names and adapters ---------------------------------------------------------------------
     (f"combine tiny tiny --weights 0.5,0.5 --name base {REG}", 1,
      "Error: adapter name 'base' is reserved: it stands for the base model without adapter in predict, generate and "

@@ -112,7 +112,7 @@ def test_bad_input_is_one_line(adapters, tmp_path):
     run = lambda *args: CliRunner().invoke(main, [*args, "--registry", registry])  # noqa: E731
     out = tmp_path / "e"
     assert run("export", "lora4", "--format", "onnx", "--out", str(out)).output == (
-        "Error: --format: unknown format 'onnx'; use one of: peft\n")
+        "Error: --format: unknown format 'onnx'; use one of: peft, gguf\n")
     ok = run("export", "lora4", "--out", str(out), "--check", "0")
     assert ok.exit_code == 0 and f"saved {out} (" in ok.output
     assert run("export", "lora4", "--out", str(out)).output == (
